@@ -1,0 +1,150 @@
+"""Feature extraction: image -> per-position L2-normalised feature map.
+
+Frames (indexing) and query windows (templates) go through this one class, so both get
+the same preprocessing, backbone, layer and projection. Its :attr:`fingerprint` is
+recorded with every feature set.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from dtm_ops import backbones
+from dtm_ops.fingerprint import Fingerprint
+from dtm_ops.preprocess import Prepared, Preprocess
+from dtm_ops.projection import Projection
+
+
+@dataclass
+class FrameFeatures:
+    """Features of one image.
+
+    Attributes:
+        features (Tensor[C, Hc, Wc]): unit-norm per valid cell, zero elsewhere (padding).
+        valid: ``(rows, cols)`` of cells that lie on the image.
+        scale: pixel scale of the resized image against the original.
+        size: original ``(width, height)``.
+    """
+
+    features: torch.Tensor
+    valid: tuple[int, int]
+    scale: float
+    size: tuple[int, int]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class FeatureExtractor:
+    """Backbone + layer + preprocessing + optional projection.
+
+    Args:
+        backbone: registry name (see :mod:`dtm_ops.backbones`).
+        layer: the backbone's layer to match on (default: the backbone's default).
+        long_side: frames are resized so their long side is this many pixels.
+        weights: ``None`` for packaged weights, a local file, or ``"random"``.
+        projection: optional PCA applied after per-position normalisation.
+        device: default CUDA when present, else CPU (CUDA runs in fp16 autocast).
+        batch_size: images per forward pass.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet_lite0",
+        layer: str | None = None,
+        *,
+        long_side: int = 640,
+        weights: str | None = None,
+        projection: Projection | None = None,
+        device: str | torch.device | None = None,
+        batch_size: int = 8,
+    ) -> None:
+        self.device = torch.device(device) if device is not None else default_device()
+        self.net = backbones.build(backbone, layer, weights).to(self.device)
+        if self.device.type == "cuda":
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.preprocess = Preprocess(long_side=long_side, multiple=max(32, self.net.stride))
+        self.projection = projection
+        self.batch_size = batch_size
+
+    @property
+    def stride(self) -> int:
+        return int(self.net.stride)
+
+    @property
+    def channels(self) -> int:
+        return self.projection.out_channels if self.projection is not None else int(self.net.channels)
+
+    @property
+    def fingerprint(self) -> Fingerprint:
+        return Fingerprint(
+            backbone=self.net.name,
+            weights=self.net.weights_id,
+            layer=self.net.layer,
+            stride=self.stride,
+            channels=self.channels,
+            preprocess=self.preprocess.to_dict(),
+            projection=self.projection.digest if self.projection is not None else None,
+        )
+
+    def valid_cells(self, size: tuple[int, int]) -> tuple[int, int]:
+        """``(rows, cols)`` of cells covering a resized image of ``size = (w, h)``."""
+        return math.ceil(size[1] / self.stride), math.ceil(size[0] / self.stride)
+
+    @torch.inference_mode()
+    def _forward(self, pixels: torch.Tensor, sizes: Sequence[tuple[int, int]], project: bool) -> torch.Tensor:
+        """``pixels (Tensor[N, 3, H, W])`` -> ``Tensor[N, C, H/s, W/s]`` float32 on CPU."""
+        x = pixels.to(self.device, non_blocking=True)
+        x = self.net.normalize(x)
+        for n, (w, h) in enumerate(sizes):  # padding is mean grey after normalisation
+            x[n, :, h:, :] = 0
+            x[n, :, :, w:] = 0
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.float16):
+                f = self.net(x)
+        else:
+            f = self.net(x)
+        f = torch.nn.functional.normalize(f.float(), dim=1)
+        if project and self.projection is not None:
+            f = self.projection(f)
+        for n, size in enumerate(sizes):
+            rows, cols = self.valid_cells(size)
+            f[n, :, rows:, :] = 0
+            f[n, :, :, cols:] = 0
+        return f.cpu()
+
+    def extract_prepared(self, prepared: Sequence[Prepared], *, project: bool = True) -> list[torch.Tensor]:
+        """Features of prepared images, each ``Tensor[C, Hc, Wc]`` float32.
+
+        Images are batched only with others of the same padded size, so an image's
+        features never depend on its batch mates.
+        """
+        out: list[torch.Tensor | None] = [None] * len(prepared)
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, p in enumerate(prepared):
+            groups[tuple(p.pixels.shape[1:])].append(i)
+        for idxs in groups.values():
+            for start in range(0, len(idxs), self.batch_size):
+                chunk = idxs[start : start + self.batch_size]
+                pixels = torch.stack([prepared[i].pixels for i in chunk])
+                feats = self._forward(pixels, [prepared[i].size for i in chunk], project)
+                for i, f in zip(chunk, feats):
+                    out[i] = f
+        return out  # type: ignore[return-value]
+
+    def extract(self, images: Sequence[Image.Image], *, project: bool = True) -> list[FrameFeatures]:
+        """Frame features at the frame scale of the preprocessing policy."""
+        prepared = [self.preprocess(im) for im in images]
+        feats = self.extract_prepared(prepared, project=project)
+        return [
+            FrameFeatures(features=f, valid=self.valid_cells(p.size), scale=p.scale, size=im.size)
+            for f, p, im in zip(feats, prepared, images)
+        ]

@@ -1,0 +1,134 @@
+"""Indexing: frames -> features -> store shards."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from dtm_ops.errors import FeatureStoreError
+from dtm_ops.features import FeatureExtractor
+from dtm_ops.media import FrameRef, load_frames
+from dtm_ops.projection import Projection
+from dtm_ops.store.format import FrameEntry
+from dtm_ops.store.local import LocalFeatureStore
+
+
+@dataclass
+class IndexReport:
+    added: int
+    skipped: int
+    shards: int
+
+
+def fit_projection(
+    extractor: FeatureExtractor, refs: Sequence[FrameRef], dim: int, *, sample_frames: int = 64, max_positions: int = 50_000
+) -> Projection:
+    """PCA on per-position features of frames sampled evenly from ``refs``."""
+    step = max(1, len(refs) // sample_frames)
+    sample = list(refs[::step])[:sample_frames]
+    positions = []
+    for ref, image in load_frames(sample):
+        ff = extractor.extract([image], project=False)[0]
+        r, c = ff.valid
+        positions.append(ff.features[:, :r, :c].reshape(ff.features.shape[0], -1).T)
+    x = torch.cat(positions)
+    if x.shape[0] > max_positions:
+        x = x[torch.linspace(0, x.shape[0] - 1, max_positions).long()]
+    return Projection.fit(x, dim)
+
+
+def extractor_for_store(
+    store: LocalFeatureStore, *, weights: str | None = None, device: str | None = None, batch_size: int = 8
+) -> FeatureExtractor:
+    """The feature extractor that made ``store`` (same backbone, layer, preprocessing, projection)."""
+    fp = store.manifest().fingerprint
+    extractor = FeatureExtractor(
+        fp.backbone,
+        fp.layer,
+        long_side=int(fp.preprocess["long_side"]),
+        weights=weights,
+        projection=store.projection(),
+        device=device,
+        batch_size=batch_size,
+    )
+    extractor.fingerprint.check_same(fp, what=f"features in {store.root}")
+    return extractor
+
+
+def index_frames(
+    refs: Sequence[FrameRef],
+    store: LocalFeatureStore,
+    extractor: FeatureExtractor,
+    *,
+    shard_frames: int = 256,
+    dtype: str = "float16",
+    pca_dim: int | None = None,
+    progress: bool = False,
+) -> IndexReport:
+    """Extract features of the frames not yet in ``store`` and append them as shards.
+
+    Re-running on the same frames adds nothing. ``pca_dim`` fits a projection on the
+    first run (a store keeps its projection: later runs reuse it).
+    """
+    from tqdm import tqdm
+
+    if store.exists():
+        manifest = store.manifest()
+        if pca_dim is not None and store.projection() is None:
+            raise FeatureStoreError(f"{store.root}: store exists without a projection; cannot add one (pca_dim={pca_dim})")
+        extractor.projection = store.projection()
+        extractor.fingerprint.check_same(manifest.fingerprint, what=f"features in {store.root}")
+        have = manifest.frame_ids()
+    else:
+        have = set()
+        if pca_dim is not None:
+            extractor.projection = fit_projection(extractor, refs, pca_dim)
+            store.save_projection(extractor.projection)
+    todo = [r for r in refs if r.frame_id not in have]
+    fp = extractor.fingerprint
+    shards = 0
+    entries: list[FrameEntry] = []
+    feats: list[torch.Tensor] = []
+    images, pending = [], []
+
+    def flush_batch() -> None:
+        for ref, ff in zip(pending, extractor.extract(images)):
+            entries.append(
+                FrameEntry(
+                    frame_id=ref.frame_id,
+                    source=ref.source,
+                    sequence=ref.sequence,
+                    index=ref.index,
+                    width=ff.size[0],
+                    height=ff.size[1],
+                    valid=ff.valid,
+                    scale=ff.scale,
+                )
+            )
+            feats.append(ff.features)
+        images.clear()
+        pending.clear()
+
+    def flush_shard() -> None:
+        nonlocal shards
+        shards += len(store.append(fp, entries, feats, dtype=dtype))
+        entries.clear()
+        feats.clear()
+
+    with tqdm(total=len(todo), unit="frame", disable=not progress, desc="index") as bar:
+        for ref, image in load_frames(todo):
+            images.append(image)
+            pending.append(ref)
+            if len(images) == extractor.batch_size:
+                flush_batch()
+                bar.update(extractor.batch_size)
+            if len(entries) >= shard_frames:
+                flush_shard()
+        n = len(images)
+        flush_batch()
+        bar.update(n)
+        if entries:
+            flush_shard()
+    return IndexReport(added=len(todo), skipped=len(refs) - len(todo), shards=shards)

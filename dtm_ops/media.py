@@ -1,0 +1,163 @@
+"""Reading frames: image files, and frames of videos addressed as ``path#frame=N``.
+
+A *frame source* is a string: an image path, or ``VIDEO#frame=N`` for the 0-based frame
+``N`` of a video file. Frame ids are stable names used in results and stores.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from dtm_ops.errors import InputError
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
+_FRAME_RE = re.compile(r"^(?P<path>.+)#frame=(?P<index>\d+)$")
+
+
+@dataclass(frozen=True)
+class FrameRef:
+    """Where a frame comes from.
+
+    Attributes:
+        frame_id: stable id (``<sequence>/<index:06d>`` for video frames, the image's path
+            relative to the scanned folder without extension for images).
+        source: an image path or ``VIDEO#frame=N``.
+        sequence: video or folder the frame belongs to (near-duplicate grouping).
+        index: frame index within the sequence (video) or position in sorted order.
+    """
+
+    frame_id: str
+    source: str
+    sequence: str
+    index: int
+
+
+def open_image(path: str | os.PathLike, *, record: object = None, field: str = "image") -> Image.Image:
+    """Open an image or a ``VIDEO#frame=N`` source as RGB, with a clear error if it cannot be read."""
+    text = str(path)
+    m = _FRAME_RE.match(text)
+    if m:
+        return read_video_frame(m["path"], int(m["index"]), record=record, field=field)
+    if not os.path.exists(text):
+        raise InputError("file not found", source=text, record=record, field=field)
+    try:
+        with Image.open(text) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError(f"not a readable image ({exc})", source=text, record=record, field=field) from None
+
+
+def read_video_frame(path: str, index: int, *, record: object = None, field: str = "image") -> Image.Image:
+    """Decode frame ``index`` (0-based) of a video."""
+    for i, frame in iter_video(path, record=record, field=field):
+        if i == index:
+            return frame
+        if i > index:
+            break
+    raise InputError(f"video has no frame {index}", source=path, record=record, field=field)
+
+
+def iter_video(
+    path: str, *, step: int = 1, record: object = None, field: str = "video"
+) -> Iterator[tuple[int, Image.Image]]:
+    """Yield ``(index, RGB image)`` for every ``step``-th frame of a video."""
+    import av
+
+    if not os.path.exists(path):
+        raise InputError("file not found", source=path, record=record, field=field)
+    try:
+        container = av.open(path)
+    except av.error.FFmpegError as exc:
+        raise InputError(f"not a readable video ({exc})", source=path, record=record, field=field) from None
+    with container:
+        if not container.streams.video:
+            raise InputError("file has no video stream", source=path, record=record, field=field)
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        try:
+            for i, frame in enumerate(container.decode(stream)):
+                if i % step == 0:
+                    yield i, frame.to_image()
+        except av.error.FFmpegError as exc:
+            raise InputError(f"video cannot be decoded ({exc})", source=path, record=record, field=field) from None
+
+
+def is_video(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in VIDEO_EXTS
+
+
+def list_frames(source: str | os.PathLike, *, step: int = 1) -> list[FrameRef]:
+    """Frames of a folder of images (recursively, sorted) or of a video file.
+
+    Video frames are counted by decoding, so a damaged file fails here, before indexing.
+    """
+    path = Path(source)
+    if not path.exists():
+        raise InputError("file or folder not found", source=str(source), field="source")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+        if not files:
+            raise InputError("folder holds no images", source=str(source), field="source")
+        refs = []
+        for i, p in enumerate(files[::step]):
+            rel = p.relative_to(path).with_suffix("")
+            seq = rel.parent.as_posix() if rel.parent != Path(".") else path.name
+            refs.append(FrameRef(frame_id=rel.as_posix(), source=str(p), sequence=seq, index=i * step))
+        return refs
+    if path.suffix.lower() in IMAGE_EXTS:
+        return [FrameRef(frame_id=path.stem, source=str(path), sequence=path.stem, index=0)]
+    if is_video(path):
+        import av
+
+        try:
+            with av.open(str(path)) as c:
+                n = sum(1 for _ in c.demux(c.streams.video[0]) if _.size)
+        except (av.error.FFmpegError, IndexError) as exc:
+            raise InputError(f"not a readable video ({exc})", source=str(path), field="source") from None
+        seq = path.stem
+        return [
+            FrameRef(frame_id=f"{seq}/{i:06d}", source=f"{path}#frame={i}", sequence=seq, index=i)
+            for i in range(0, n, step)
+        ]
+    raise InputError(
+        f"unsupported file type {path.suffix!r} (images: {sorted(IMAGE_EXTS)}, videos: {sorted(VIDEO_EXTS)})",
+        source=str(source),
+        field="source",
+    )
+
+
+def load_frames(refs: list[FrameRef]) -> Iterator[tuple[FrameRef, Image.Image]]:
+    """Decode frames in order, reading each video once rather than once per frame."""
+    i = 0
+    while i < len(refs):
+        m = _FRAME_RE.match(refs[i].source)
+        if not m:
+            yield refs[i], open_image(refs[i].source, record=refs[i].frame_id)
+            i += 1
+            continue
+        video = m["path"]
+        wanted: dict[int, FrameRef] = {}
+        j = i
+        while j < len(refs):
+            mj = _FRAME_RE.match(refs[j].source)
+            if not mj or mj["path"] != video:
+                break
+            wanted[int(mj["index"])] = refs[j]
+            j += 1
+        last = max(wanted)
+        for idx, image in iter_video(video, record=refs[i].frame_id):
+            if idx in wanted:
+                yield wanted.pop(idx), image
+            if idx >= last:
+                break
+        if wanted:
+            missing = sorted(wanted)[:5]
+            raise InputError(f"video ended before frames {missing}", source=video, field="frame")
+        i = j

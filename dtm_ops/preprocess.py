@@ -1,0 +1,68 @@
+"""One preprocessing policy, shared by indexing (frames) and querying (templates).
+
+Geometry only: resize keeping the aspect ratio so the long side is ``long_side`` pixels
+(times a template scale when a query is re-extracted), then pad right and bottom to a
+multiple of the backbone's largest stride. Intensity normalisation belongs to the
+backbone. The policy is recorded in every feature set's fingerprint.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An image made ready for a backbone.
+
+    Attributes:
+        pixels (Tensor[3, H, W]): RGB, float32 in 0..255, padded with zeros.
+        scale: resized size = original size * scale.
+        size: ``(width, height)`` of the resized image before padding.
+    """
+
+    pixels: "torch.Tensor"
+    scale: float
+    size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    long_side: int = 640
+    multiple: int = 32
+
+    def frame_scale(self, width: int, height: int) -> float:
+        """Scale that brings an image's long side to ``long_side``."""
+        return self.long_side / max(width, height)
+
+    def __call__(self, image: "Image.Image", scale: float | None = None) -> Prepared:
+        """Resize ``image`` by ``scale`` (default: :meth:`frame_scale`) and pad it.
+
+        Resized size is ``round(width * scale) x round(height * scale)`` (at least 1x1);
+        the pad is zeros up to the next multiple of ``multiple``.
+        """
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        if scale is None:
+            scale = self.frame_scale(*image.size)
+        w = max(1, round(image.size[0] * scale))
+        h = max(1, round(image.size[1] * scale))
+        resized = image.convert("RGB")
+        if (w, h) != resized.size:
+            resized = resized.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=None)
+        pw = math.ceil(w / self.multiple) * self.multiple
+        ph = math.ceil(h / self.multiple) * self.multiple
+        pixels = torch.zeros(3, ph, pw, dtype=torch.float32)
+        pixels[:, :h, :w] = torch.from_numpy(np.asarray(resized, dtype=np.float32)).permute(2, 0, 1)
+        return Prepared(pixels=pixels, scale=scale, size=(w, h))
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,314 @@
+"""Search: queries (image + ROIs) against a feature store, ranked by Deep Template Matching.
+
+Per frame and ROI, the score is the best calibrated template score over positions and
+scales (see :mod:`dtm_ops.calibration`). A query with several ROIs combines them by
+``mode``: ``any`` (best ROI) or ``all`` (the frame must hold every ROI: the minimum of the
+per-ROI scores).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+
+from dtm_ops.boxes import Box, validate_box
+from dtm_ops.calibration import calibrate
+from dtm_ops.errors import InputError
+from dtm_ops.features import FeatureExtractor
+from dtm_ops.matching import best_positions, patchwise_cosine
+from dtm_ops.media import open_image
+from dtm_ops.store.format import FrameEntry, ShardEntry
+from dtm_ops.store.local import LocalFeatureStore
+from dtm_ops.templates import DEFAULT_SCALES, Template, build_templates
+from dtm_ops.topk import TopK
+
+Mode = Literal["any", "all"]
+
+
+@dataclass
+class Query:
+    """A query: ROIs (pixel boxes) on one image, optionally with class labels."""
+
+    query_id: str
+    source: str
+    boxes: list[Box]
+    labels: list[str | None] = field(default_factory=list)
+    mode: Mode = "any"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("any", "all"):
+            raise InputError(f"mode must be 'any' or 'all', got {self.mode!r}", record=self.query_id, field="mode")
+        if not self.boxes:
+            raise InputError("a query needs at least one box", record=self.query_id, field="boxes")
+        if not self.labels:
+            self.labels = [None] * len(self.boxes)
+        if len(self.labels) != len(self.boxes):
+            raise InputError(
+                f"{len(self.labels)} labels for {len(self.boxes)} boxes", record=self.query_id, field="labels"
+            )
+
+
+@dataclass
+class RoiMatch:
+    roi_index: int
+    score: float  # calibrated
+    cosine: float  # raw patchwise cosine at the best position
+    box: Box  # pixels of the frame
+    scale: float
+
+
+@dataclass
+class Hit:
+    query_id: str
+    frame_id: str
+    rank: int
+    score: float
+    cosine: float
+    box: Box
+    scale: float
+    roi_index: int
+    source: str
+    sequence: str
+    index: int
+    rois: list[RoiMatch]
+    heatmap: torch.Tensor | None = None  # Tensor[H, W] over the frame's cells (calibrated)
+
+    def to_record(self) -> dict:
+        rec = {k: v for k, v in asdict(self).items() if k != "heatmap"}
+        rec["box"] = [round(v, 2) for v in self.box]
+        for r in rec["rois"]:
+            r["box"] = [round(v, 2) for v in r["box"]]
+        return rec
+
+
+@dataclass
+class _Prepared:
+    query: Query
+    templates: list[Template]
+    exclude: tuple[str, int] | None  # (sequence, index) of the query frame when it is in the lake
+
+
+class Searcher:
+    """Runs queries over a feature store.
+
+    Args:
+        extractor: must have the store's fingerprint.
+        scales: template scales tried (see :mod:`dtm_ops.templates`).
+        margin: context cells around each ROI's template.
+        top_k: hits kept per query.
+        exclude_window: frames of the query frame's own sequence within this many frames of
+            it are skipped (near-duplicates); ``-1`` keeps them all, ``0`` skips only the
+            query frame itself.
+        calibration_frames: frames sampled evenly from the store to calibrate templates.
+        batch_frames: frames matched per step (bounds memory).
+    """
+
+    def __init__(
+        self,
+        extractor: FeatureExtractor,
+        *,
+        scales: Sequence[float] = DEFAULT_SCALES,
+        margin: int = 0,
+        top_k: int = 20,
+        exclude_window: int = 0,
+        calibration_frames: int = 64,
+        batch_frames: int = 32,
+        progress: bool = False,
+    ) -> None:
+        self.extractor = extractor
+        self.scales = tuple(scales)
+        self.margin = margin
+        self.top_k = top_k
+        self.exclude_window = exclude_window
+        self.calibration_frames = calibration_frames
+        self.batch_frames = batch_frames
+        self.progress = progress
+        self.device = extractor.device
+
+    # ------------------------------------------------------------ templates
+    def prepare(self, queries: Sequence[Query], store: LocalFeatureStore) -> list[_Prepared]:
+        manifest = store.manifest()
+        self.extractor.fingerprint.check_same(manifest.fingerprint, what=f"features in {store.root}")
+        by_source = {f.source: f for s in manifest.shards for f in s.frames}
+        seen: set[str] = set()
+        prepared = []
+        for q in queries:
+            if q.query_id in seen:
+                raise InputError("duplicate query id", record=q.query_id, field="id")
+            seen.add(q.query_id)
+            image = open_image(q.source, record=q.query_id, field="image")
+            boxes = [
+                validate_box(b, *image.size, source=q.source, record=q.query_id, field=f"boxes[{i}]")
+                for i, b in enumerate(q.boxes)
+            ]
+            templates = build_templates(
+                self.extractor, image, boxes, query_id=q.query_id, scales=self.scales, margin=self.margin
+            )
+            entry = by_source.get(q.source)
+            prepared.append(_Prepared(q, templates, (entry.sequence, entry.index) if entry else None))
+        templates = [t for p in prepared for t in p.templates]
+        calibrate(templates, self._sample_batches(store), self.device)
+        return prepared
+
+    def _sample_batches(self, store: LocalFeatureStore) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        shards = store.manifest().shards
+        total = sum(len(s.frames) for s in shards)
+        step = max(1, total // max(1, self.calibration_frames))
+        offset = 0
+        for entry, feats, valid in store.iter_shards(shards):
+            rows = [i for i in range(len(entry.frames)) if (offset + i) % step == 0]
+            offset += len(entry.frames)
+            for start in range(0, len(rows), self.batch_frames):
+                sel = rows[start : start + self.batch_frames]
+                yield feats[sel].float(), valid[sel]
+
+    # ------------------------------------------------------------ scan
+    def search(self, store: LocalFeatureStore, queries: Sequence[Query], *, heatmaps: bool = True) -> dict[str, list[Hit]]:
+        """Run every query in one pass over the store; returns hits per query, best first."""
+        prepared = self.prepare(queries, store)
+        heaps = self.scan(store, prepared)
+        results = {}
+        for p in prepared:
+            hits = [payload for _, _, payload in heaps[p.query.query_id].items()]
+            for rank, hit in enumerate(hits, 1):
+                hit.rank = rank
+            results[p.query.query_id] = hits
+        if heatmaps:
+            self._attach_heatmaps(store, prepared, results)
+        return results
+
+    def scan(
+        self, store: LocalFeatureStore, prepared: Sequence[_Prepared], shards: Sequence[ShardEntry] | None = None
+    ) -> dict[str, TopK]:
+        """Top-k per query over ``shards`` (default: all): what a mapped scan task computes."""
+        from tqdm import tqdm
+
+        templates = [t for p in prepared for t in p.templates]
+        tfeats = [t.features.to(self.device, self._dtype()) for t in templates]
+        mu = torch.tensor([t.mu for t in templates], dtype=torch.float64)
+        sigma = torch.tensor([t.sigma for t in templates], dtype=torch.float64)
+        heaps = {p.query.query_id: TopK(self.top_k) for p in prepared}
+        shards = list(store.manifest().shards if shards is None else shards)
+        bar = tqdm(total=sum(len(s.frames) for s in shards), unit="frame", disable=not self.progress, desc="scan")
+        for entry, feats, valid in store.iter_shards(shards):
+            for start in range(0, len(entry.frames), self.batch_frames):
+                sl = slice(start, start + self.batch_frames)
+                f = feats[sl].to(self.device, self._dtype())
+                v = valid[sl].to(self.device)
+                maps = patchwise_cosine(f, tfeats, v)
+                best = [best_positions(m) for m in maps]
+                cos = torch.stack([b[0] for b in best]).double().cpu()  # [T, n]
+                rows = torch.stack([b[1] for b in best]).cpu()
+                cols = torch.stack([b[2] for b in best]).cpu()
+                z = (cos - mu[:, None]) / sigma[:, None]
+                self._collect(prepared, entry.frames[sl], z, cos, rows, cols, heaps)
+                bar.update(f.shape[0])
+        bar.close()
+        return heaps
+
+    def _dtype(self) -> torch.dtype:
+        return torch.float16 if self.device.type == "cuda" else torch.float32
+
+    def _collect(self, prepared, frames: Sequence[FrameEntry], z, cos, rows, cols, heaps) -> None:
+        """Push this batch's frames into each query's top-k.
+
+        Args:
+            z, cos (Tensor[T, n]): calibrated and raw best score per template and frame.
+            rows, cols (Tensor[T, n]): map index of each best position.
+        """
+        t0 = 0
+        for p in prepared:
+            nt = len(p.templates)
+            roi_ids = torch.tensor([t.roi_index for t in p.templates])
+            best_score, best_t = [], []
+            for k in range(len(p.query.boxes)):
+                idx = (roi_ids == k).nonzero().flatten()
+                sc, arg = z[t0 + idx].max(dim=0)  # ties: the first (smallest) scale
+                best_score.append(sc)
+                best_t.append(idx[arg])
+            per_roi = torch.stack(best_score)  # [R, n]
+            combined = per_roi.max(dim=0).values if p.query.mode == "any" else per_roi.min(dim=0).values
+            heap = heaps[p.query.query_id]
+            for n in (combined >= heap.threshold()).nonzero().flatten().tolist():
+                frame = frames[n]
+                if not math.isfinite(combined[n].item()) or self._excluded(p, frame):
+                    continue
+                matches = []
+                for k in range(len(p.query.boxes)):
+                    i = int(best_t[k][n])
+                    t = p.templates[i]
+                    matches.append(
+                        RoiMatch(
+                            roi_index=k,
+                            score=per_roi[k, n].item(),
+                            cosine=cos[t0 + i, n].item(),
+                            box=self._hit_box(t, frame, int(rows[t0 + i, n]), int(cols[t0 + i, n])),
+                            scale=t.scale,
+                        )
+                    )
+                pick = max if p.query.mode == "any" else min
+                lead = pick(matches, key=lambda m: (m.score, -m.roi_index))
+                heap.push(
+                    lead.score,
+                    frame.frame_id,
+                    Hit(
+                        query_id=p.query.query_id,
+                        frame_id=frame.frame_id,
+                        rank=0,
+                        score=lead.score,
+                        cosine=lead.cosine,
+                        box=lead.box,
+                        scale=lead.scale,
+                        roi_index=lead.roi_index,
+                        source=frame.source,
+                        sequence=frame.sequence,
+                        index=frame.index,
+                        rois=matches,
+                    ),
+                )
+            t0 += nt
+
+    def _excluded(self, p: _Prepared, frame: FrameEntry) -> bool:
+        if p.exclude is None or self.exclude_window < 0:
+            return False
+        seq, idx = p.exclude
+        return frame.sequence == seq and abs(frame.index - idx) <= self.exclude_window
+
+    def _hit_box(self, t: Template, frame: FrameEntry, row: int, col: int) -> Box:
+        """Map index -> the ROI's box in the frame's original pixels, clipped to the frame."""
+        h, w = t.size
+        top, left = row - h // 2, col - w // 2
+        s = self.extractor.stride / frame.scale
+        x1, y1, x2, y2 = t.rel_box
+        return (
+            min(max((left + x1) * s, 0.0), frame.width),
+            min(max((top + y1) * s, 0.0), frame.height),
+            min(max((left + x2) * s, 0.0), frame.width),
+            min(max((top + y2) * s, 0.0), frame.height),
+        )
+
+    # ------------------------------------------------------------ heat maps
+    def _attach_heatmaps(self, store: LocalFeatureStore, prepared, results: dict[str, list[Hit]]) -> None:
+        """Recompute similarity maps for the hits only, as calibrated heat per frame cell."""
+        from dtm_ops.heatmap import cell_heat
+
+        ids = {h.frame_id for hits in results.values() for h in hits}
+        feats = store.frame_features(sorted(ids))
+        for p in prepared:
+            for hit in results[p.query.query_id]:
+                entry, f = feats[hit.frame_id]
+                heat = None
+                for m in hit.rois:
+                    t = next(t for t in p.templates if t.roi_index == m.roi_index and t.scale == m.scale)
+                    smap = patchwise_cosine(
+                        f[None].to(self.device, self._dtype()),
+                        [t.features.to(self.device, self._dtype())],
+                        torch.tensor([entry.valid], device=self.device),
+                    )[0][0].cpu()
+                    z = cell_heat((smap - t.mu) / t.sigma, t.size)
+                    heat = z if heat is None else torch.maximum(heat, z)
+                hit.heatmap = heat

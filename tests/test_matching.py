@@ -1,0 +1,98 @@
+"""The matcher against the explicit-loop reference, and its edge cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dtm_ops.matching import PatchwiseCosine, best_positions, map_shape, patchwise_cosine
+from tests.reference import patchwise_cosine_loop, unit_cells
+
+CASES = [
+    # C, H, W, template sizes, valid per frame
+    (8, 5, 7, [(1, 1), (2, 3), (3, 2)], [(5, 7), (4, 6), (5, 3)]),
+    (16, 9, 4, [(4, 4), (1, 3), (5, 1)], [(9, 4), (2, 2)]),
+    (3, 3, 3, [(3, 3), (5, 5), (2, 2)], [(3, 3)]),
+    (32, 6, 11, [(2, 7), (6, 11), (1, 2)], [(6, 11), (6, 10), (1, 11)]),
+]
+
+
+def _zero_invalid(feats: np.ndarray, valid: list[tuple[int, int]]) -> np.ndarray:
+    feats = feats.copy()
+    for n, (r, c) in enumerate(valid):
+        feats[n, :, r:, :] = 0
+        feats[n, :, :, c:] = 0
+    return feats
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
+def test_matches_reference_loop(case, dtype, tol):
+    C, H, W, tsizes, valid = case
+    rng = np.random.default_rng(hash((C, H, W)) % 2**32)
+    feats = _zero_invalid(np.stack([unit_cells(rng, (C, H, W)) for _ in valid]), valid)
+    temps = [unit_cells(rng, (C, h, w)) for h, w in tsizes]
+    got = patchwise_cosine(
+        torch.from_numpy(feats).to(dtype),
+        [torch.from_numpy(t).to(dtype) for t in temps],
+        torch.tensor(valid),
+    )
+    for k, t in enumerate(temps):
+        assert got[k].shape == (len(valid), *map_shape((H, W), t.shape[1:]))
+        for n, v in enumerate(valid):
+            want = patchwise_cosine_loop(feats[n], t, v)
+            g = got[k][n].double().numpy()
+            assert np.array_equal(np.isinf(g), np.isinf(want)), f"template {k} frame {n}: mask differs"
+            fin = np.isfinite(want)
+            np.testing.assert_allclose(g[fin], want[fin], atol=tol, rtol=0)
+
+
+def test_identical_patch_scores_one_at_its_place():
+    rng = np.random.default_rng(0)
+    feats = unit_cells(rng, (64, 10, 12))
+    template = feats[:, 3:6, 4:8].copy()
+    maps = patchwise_cosine(torch.from_numpy(feats)[None].float(), [torch.from_numpy(template).float()])
+    score, row, col = best_positions(maps[0])
+    assert score.item() == pytest.approx(1.0, abs=1e-6)
+    # map index = top-left + (h//2, w//2)
+    assert (row.item() - 3 // 2, col.item() - 4 // 2) == (3, 4)
+
+
+def test_object_cut_by_border_scores_by_its_visible_part():
+    # Hand-computed: a 2x2 template whose left column hangs off the frame sees only its
+    # right column (2 of 4 cells): the mean is 2/4 = 0.5 when those cells match exactly.
+    C = 4
+    feats = np.zeros((C, 3, 3))
+    feats[0] = 1.0  # every cell is e0
+    template = np.zeros((C, 2, 2))
+    template[0] = 1.0
+    maps = patchwise_cosine(torch.from_numpy(feats)[None].float(), [torch.from_numpy(template).float()])
+    m = maps[0][0]
+    # map index (a, b) -> top-left (a - 1, b - 1); (1, 0) is top-left (0, -1)
+    assert m[1, 0].item() == pytest.approx(0.5)
+    assert m[1, 1].item() == pytest.approx(1.0)
+    assert m[0, 0].item() == pytest.approx(0.25)  # corner: 1 of 4 cells
+
+
+def test_template_larger_than_frame_has_no_position():
+    feats = torch.nn.functional.normalize(torch.randn(2, 8, 3, 3), dim=1)
+    maps = patchwise_cosine(feats, [torch.nn.functional.normalize(torch.randn(8, 9, 9), dim=0)])
+    score, _, _ = best_positions(maps[0])
+    assert torch.isinf(score).all() and (score < 0).all()
+
+
+def test_module_equals_function_and_rejects_bad_shapes():
+    feats = torch.nn.functional.normalize(torch.randn(3, 8, 6, 6), dim=1)
+    temps = [torch.nn.functional.normalize(torch.randn(8, 2, 3), dim=0)]
+    torch.testing.assert_close(PatchwiseCosine(temps)(feats)[0], patchwise_cosine(feats, temps)[0])
+    with pytest.raises(ValueError, match="template 0 must be"):
+        patchwise_cosine(feats, [torch.randn(7, 2, 2)])
+    with pytest.raises(ValueError, match=r"Tensor\[N, C, H, W\]"):
+        patchwise_cosine(feats[0], temps)
+
+
+def test_ties_go_to_first_position():
+    smap = torch.tensor([[[0.0, 0.5], [0.5, 0.1]]])
+    score, row, col = best_positions(smap)
+    assert (score.item(), row.item(), col.item()) == (0.5, 0, 1)
