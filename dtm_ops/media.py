@@ -109,7 +109,9 @@ def list_frames(source: str | os.PathLike, *, step: int = 1) -> list[FrameRef]:
         for i, p in enumerate(files[::step]):
             rel = p.relative_to(path).with_suffix("")
             seq = rel.parent.as_posix() if rel.parent != Path(".") else path.name
-            refs.append(FrameRef(frame_id=rel.as_posix(), source=str(p), sequence=seq, index=i * step))
+            digits = re.search(r"(\d+)$", p.stem)  # frame files named by their index keep it
+            index = int(digits.group(1)) if digits else i * step
+            refs.append(FrameRef(frame_id=rel.as_posix(), source=str(p), sequence=seq, index=index))
         return refs
     if path.suffix.lower() in IMAGE_EXTS:
         return [FrameRef(frame_id=path.stem, source=str(path), sequence=path.stem, index=0)]

@@ -74,6 +74,7 @@ class Hit:
     source: str
     sequence: str
     index: int
+    frame_scale: float  # resize scale of the frame's features (places the heat map)
     rois: list[RoiMatch]
     heatmap: torch.Tensor | None = None  # Tensor[H, W] over the frame's cells (calibrated)
 
@@ -103,7 +104,8 @@ class Searcher:
         exclude_window: frames of the query frame's own sequence within this many frames of
             it are skipped (near-duplicates); ``-1`` keeps them all, ``0`` skips only the
             query frame itself.
-        calibration_frames: frames sampled evenly from the store to calibrate templates.
+        calibration_frames: frames sampled evenly from the store to calibrate templates;
+            0 turns calibration off (scores are then raw cosines, which favour small scales).
         batch_frames: frames matched per step (bounds memory).
     """
 
@@ -150,8 +152,8 @@ class Searcher:
             )
             entry = by_source.get(q.source)
             prepared.append(_Prepared(q, templates, (entry.sequence, entry.index) if entry else None))
-        templates = [t for p in prepared for t in p.templates]
-        calibrate(templates, self._sample_batches(store), self.device)
+        if self.calibration_frames > 0:
+            calibrate([t for p in prepared for t in p.templates], self._sample_batches(store), self.device)
         return prepared
 
     def _sample_batches(self, store: LocalFeatureStore) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -267,6 +269,7 @@ class Searcher:
                         source=frame.source,
                         sequence=frame.sequence,
                         index=frame.index,
+                        frame_scale=frame.scale,
                         rois=matches,
                     ),
                 )

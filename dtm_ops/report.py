@@ -1,0 +1,118 @@
+"""Writing search results: ``results.jsonl``, heat-map overlays and an HTML contact sheet."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from dtm_ops.heatmap import overlay
+from dtm_ops.media import FrameRef, load_frames, open_image
+from dtm_ops.search import Hit, Query
+from dtm_ops.store.local import atomic_write
+
+THUMB_WIDTH = 360
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe form of a query or frame id."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "_"
+
+
+def write_results(
+    out: str | Path,
+    queries: Sequence[Query],
+    results: dict[str, list[Hit]],
+    *,
+    stride: int,
+    title: str = "dtm search",
+) -> Path:
+    """Write everything a person or a later task needs; returns the HTML sheet's path.
+
+    Args:
+        stride: feature stride (to place heat maps).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    # Render overlays reading each video once: sort hits by source.
+    hits = [h for q in queries for h in results.get(q.query_id, [])]
+    by_frame: dict[str, list[Hit]] = {}
+    for h in hits:
+        by_frame.setdefault(h.frame_id, []).append(h)
+    refs = sorted(
+        (FrameRef(frame_id=fid, source=hs[0].source, sequence=hs[0].sequence, index=hs[0].index) for fid, hs in by_frame.items()),
+        key=lambda r: (r.source.split("#")[0], r.index),
+    )
+    paths: dict[tuple[str, int], str] = {}
+    for ref, image in load_frames(refs):
+        for h in by_frame[ref.frame_id]:
+            img = overlay(
+                image,
+                h.heatmap,
+                stride=stride,
+                scale=h.frame_scale,
+                boxes=[m.box for m in h.rois],
+                label=f"#{h.rank} {h.score:.1f}",
+            )
+            rel = f"heatmaps/{safe_name(h.query_id)}/{h.rank:04d}.jpg"
+            _save_jpeg(img, out / rel)
+            paths[(h.query_id, h.rank)] = rel
+    for q in queries:
+        for h in results.get(q.query_id, []):
+            rec = h.to_record()
+            rec["heatmap"] = paths.get((h.query_id, h.rank))
+            records.append(rec)
+    atomic_write(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
+    query_imgs = {}
+    for q in queries:
+        img = overlay(open_image(q.source, record=q.query_id), None, stride=stride, scale=1.0, boxes=q.boxes)
+        rel = f"queries/{safe_name(q.query_id)}.jpg"
+        _save_jpeg(img, out / rel)
+        query_imgs[q.query_id] = rel
+    sheet = out / "index.html"
+    atomic_write(sheet, _html(title, queries, results, paths, query_imgs).encode())
+    return sheet
+
+
+def _save_jpeg(img, path: Path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=88)
+    atomic_write(path, buf.getvalue())
+
+
+def _html(title, queries, results, paths, query_imgs) -> str:
+    e = html.escape
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{e(title)}</title>",
+        "<style>body{font:14px system-ui,sans-serif;margin:1.5em;background:#111;color:#eee}"
+        "section{margin-bottom:2em}.grid{display:flex;flex-wrap:wrap;gap:10px}"
+        f"figure{{margin:0;width:{THUMB_WIDTH}px}}img{{width:100%;display:block;border-radius:4px}}"
+        "figcaption{font-size:12px;color:#bbb;padding:3px 0}.q img{width:480px}"
+        "h2{font-size:18px}code{color:#9cf}</style></head><body>",
+        f"<h1>{e(title)}</h1>",
+    ]
+    for q in queries:
+        hits = results.get(q.query_id, [])
+        labels = ", ".join(e(str(label)) for label in q.labels if label) or "unlabelled"
+        parts.append(
+            f"<section><h2>Query <code>{e(q.query_id)}</code>: {len(q.boxes)} ROI(s) ({labels}), "
+            f"mode {e(q.mode)}, {len(hits)} hits</h2>"
+            f"<div class='q'><img src='{e(query_imgs[q.query_id])}' alt='query {e(q.query_id)}'>"
+            f"<figcaption>{e(q.source)}</figcaption></div><div class='grid'>"
+        )
+        for h in hits:
+            src = paths.get((h.query_id, h.rank), "")
+            parts.append(
+                f"<figure><img src='{e(src)}' alt='rank {h.rank}'><figcaption>#{h.rank} "
+                f"<b>{e(h.frame_id)}</b> score {h.score:.2f} (cos {h.cosine:.3f}), scale {h.scale:g}, "
+                f"box [{', '.join(f'{v:.0f}' for v in h.box)}]</figcaption></figure>"
+            )
+        parts.append("</div></section>")
+    parts.append("</body></html>")
+    return "".join(parts)
