@@ -81,39 +81,50 @@ def patchwise_cosine(
         list of Tensor[N, oh_k, ow_k] (float32): one map per template, see :func:`map_shape`.
 
     One GEMM of all frame cells against all template cells (``[N*H*W, C] @ [C, sum h*w]``),
-    then a shifted sum per template. fp16 inputs multiply in fp16 and sum in fp32.
+    then a shifted sum over template cells, one slice per cell offset for all templates of
+    the same size. fp16 inputs multiply in fp16 and sum in fp32.
     """
     _check(features, templates, valid)
     n, c, H, W = features.shape
     if not templates:
         return []
-    sizes = [(int(t.shape[1]), int(t.shape[2])) for t in templates]
-    tmat = torch.cat([t.reshape(c, -1) for t in templates], dim=1).to(features.dtype)  # [C, K]
+    # Templates of one size form a group; within it, template cells are laid out
+    # cell-major ([cell, template]), so each shift of the sum is one slice for the group.
+    groups: dict[tuple[int, int], list[int]] = {}
+    for k, t in enumerate(templates):
+        groups.setdefault((int(t.shape[1]), int(t.shape[2])), []).append(k)
+    blocks = [
+        torch.stack([templates[k].reshape(c, -1) for k in idx], dim=2).reshape(c, -1) for idx in groups.values()
+    ]
+    tmat = torch.cat(blocks, dim=1).to(features.dtype)  # [C, K]
     cells = features.permute(0, 2, 3, 1).reshape(-1, c)  # [N*H*W, C]
     prod = (cells @ tmat).float().reshape(n, H, W, -1).permute(0, 3, 1, 2)  # [N, K, H, W]
-    PH = max(h // 2 for h, _ in sizes)
-    PW = max(w // 2 for _, w in sizes)
+    PH = max(h // 2 for h, _ in groups)
+    PW = max(w // 2 for _, w in groups)
     padded = nn.functional.pad(prod, (PW, PW, PH, PH))
     if valid is None:
         valid = torch.tensor([[H, W]], device=features.device).expand(n, 2)
     valid = valid.to(features.device)
-    maps: list[torch.Tensor] = []
+    maps: list[torch.Tensor | None] = [None] * len(templates)
     k0 = 0
-    for h, w in sizes:
+    for (h, w), idx in groups.items():
+        m = len(idx)
         ph, pw = h // 2, w // 2
         oh, ow = map_shape((H, W), (h, w))
-        s = torch.zeros(n, oh, ow, device=features.device, dtype=torch.float32)
+        s = torch.zeros(n, m, max(oh, 0), max(ow, 0), device=features.device, dtype=torch.float32)
         if oh > 0 and ow > 0:
             for u in range(h):
                 r0 = PH - ph + u
                 for v in range(w):
                     c0 = PW - pw + v
-                    s += padded[:, k0 + u * w + v, r0 : r0 + oh, c0 : c0 + ow]
+                    k = k0 + (u * w + v) * m
+                    s += padded[:, k : k + m, r0 : r0 + oh, c0 : c0 + ow]
             s /= h * w
-            s.masked_fill_(~position_mask(valid, (H, W), (h, w)), float("-inf"))
-        maps.append(s)
-        k0 += h * w
-    return maps
+            s.masked_fill_(~position_mask(valid, (H, W), (h, w))[:, None], float("-inf"))
+        for j, k in enumerate(idx):
+            maps[k] = s[:, j]
+        k0 += h * w * m
+    return maps  # type: ignore[return-value]
 
 
 def best_positions(smap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

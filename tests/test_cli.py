@@ -1,0 +1,105 @@
+"""The ``dtm`` command end to end on a small lake of real frames."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dtm_ops.boxes import box_iou
+
+pytestmark = pytest.mark.slow
+
+DTM = str(Path(sys.executable).parent / "dtm")
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([DTM, *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def lake(tmp_path_factory, bikes_frames):
+    root = tmp_path_factory.mktemp("cli")
+    folder = root / "lake" / "bikes"
+    folder.mkdir(parents=True)
+    for idx in list(range(0, 250, 10)) + [220]:
+        bikes_frames[idx].save(folder / f"{idx:06d}.jpg", quality=95)
+    return root
+
+
+@pytest.fixture(scope="module")
+def features(lake):
+    """``dtm extract`` run once; its output kept for the assertions."""
+    feats = lake / "features"
+    r = run("extract", str(lake / "lake"), "--features", str(feats), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    return feats, r.stdout
+
+
+def test_help_explains_each_option():
+    out = run("search", "--help")
+    assert out.returncode == 0
+    for opt in ("--features", "--image", "--box", "--queries", "--top-k", "--scales", "--mode", "--out"):
+        assert opt in out.stdout
+
+
+def test_extract_then_search_writes_results_heatmaps_and_sheet(lake, features):
+    (feats, stdout), out = features, lake / "out"
+    assert re.search(r"indexed 25 new frames \(0 already present\)", stdout)
+    again = run("extract", str(lake / "lake"), "--features", str(feats), "--no-progress")
+    assert "indexed 0 new frames (25 already present)" in again.stdout
+
+    query = lake / "lake" / "bikes" / "000220.jpg"
+    r = run("search", "--features", str(feats), "--image", str(query), "--box", "268,10,535,212",
+            "--label", "bicycle", "--top-k", "5", "--out", str(out), "--no-progress", "--exclude-window", "-1")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [row["rank"] for row in rows] == [1, 2, 3, 4, 5]
+    assert all(rows[i]["score"] >= rows[i + 1]["score"] for i in range(4))
+    # With no exclusion the query frame itself is in the lake: it ranks first, in place.
+    assert rows[0]["frame_id"] == "bikes/000220"
+    assert box_iou(rows[0]["box"], (268, 10, 535, 212)) >= 0.7
+    for row in rows:
+        assert {"query_id", "frame_id", "rank", "score", "box", "scale"} <= set(row)
+        assert (out / row["heatmap"]).is_file()
+    sheet = (out / "index.html").read_text()
+    assert sheet.count("<figure>") == 5 and "bicycle" in sheet
+
+
+def test_queries_file_with_two_boxes_all_mode(lake, features):
+    qfile = lake / "q.jsonl"
+    qfile.write_text(json.dumps({"id": "pair", "image": "lake/bikes/000220.jpg", "boxes": [[268, 10, 535, 212], [0, 0, 150, 200]], "mode": "all"}) + "\n")
+    r = run("search", "--features", str(lake / "features"), "--queries", str(qfile), "--top-k", "3",
+            "--out", str(lake / "out2"), "--no-heatmaps", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in (lake / "out2" / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(len(row["rois"]) == 2 for row in rows)
+    # 'all' ranks by the weaker ROI
+    assert all(row["score"] == pytest.approx(min(m["score"] for m in row["rois"])) for row in rows)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--box", "268,10,900,212"], "field 'boxes[0]': box (268.0, 10.0, 900.0, 212.0) lies outside the 640x272 image"),
+        (["--box", "300,10,200,212"], "empty or inverted"),
+        (["--box", "1,2,3"], "expected 'x1,y1,x2,y2'"),
+    ],
+)
+def test_bad_boxes_exit_2_with_a_clear_message(lake, features, args, message):
+    query = lake / "lake" / "bikes" / "000220.jpg"
+    r = run("search", "--features", str(lake / "features"), "--image", str(query), *args, "--out", str(lake / "bad"))
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert not (lake / "bad" / "results.jsonl").exists()
+
+
+def test_missing_image_and_missing_store(lake, features):
+    r = run("search", "--features", str(lake / "features"), "--image", str(lake / "nope.jpg"), "--box", "0,0,5,5", "--out", str(lake / "x"))
+    assert r.returncode == 2 and "nope.jpg: record query: field 'image': file not found" in r.stderr
+    r = run("search", "--features", str(lake / "nostore"), "--image", "x.jpg", "--box", "0,0,5,5", "--out", str(lake / "x"))
+    assert r.returncode == 2 and "missing manifest.json" in r.stderr
