@@ -78,7 +78,7 @@ def cmd_extract(a: argparse.Namespace) -> int:
     from dtm_ops.features import FeatureExtractor
     from dtm_ops.indexing import index_frames
     from dtm_ops.media import list_frames
-    from dtm_ops.store.local import LocalFeatureStore
+    from dtm_ops.store import FeatureStore
 
     refs = [r for s in a.sources for r in list_frames(s, step=a.step)]
     extractor = FeatureExtractor(
@@ -87,7 +87,7 @@ def cmd_extract(a: argparse.Namespace) -> int:
     t = time.perf_counter()
     report = index_frames(
         refs,
-        LocalFeatureStore(a.features),
+        FeatureStore.open(a.features),
         extractor,
         shard_frames=a.shard_frames,
         dtype=a.dtype,
@@ -107,7 +107,7 @@ def cmd_search(a: argparse.Namespace) -> int:
     from dtm_ops.indexing import extractor_for_store
     from dtm_ops.queries import read_queries
     from dtm_ops.search import Query
-    from dtm_ops.store.local import LocalFeatureStore
+    from dtm_ops.store import FeatureStore
 
     if a.queries:
         if a.box:
@@ -118,7 +118,7 @@ def cmd_search(a: argparse.Namespace) -> int:
             raise InputError("give at least one --box x1,y1,x2,y2 with --image", field="--box")
         boxes = [parse_box(b, source="command line", field=f"--box {i + 1}") for i, b in enumerate(a.box)]
         queries = [Query(query_id=a.id, source=a.image, boxes=boxes, labels=list(a.label), mode=a.mode)]
-    store = LocalFeatureStore(a.features)
+    store = FeatureStore.open(a.features)
     extractor = extractor_for_store(store, weights=a.weights, device=a.device)
     return _run_search(extractor, store, queries, a.out, top_k=a.top_k, scales=a.scales, margin=a.margin,
                        exclude_window=a.exclude_window, heatmaps=not a.no_heatmaps, progress=not a.no_progress)
@@ -127,7 +127,7 @@ def cmd_search(a: argparse.Namespace) -> int:
 def _run_search(extractor, store, queries, out, *, top_k, scales, margin, exclude_window, heatmaps, progress) -> int:
     from dtm_ops.report import write_results
     from dtm_ops.search import Searcher
-    from dtm_ops.store.local import atomic_write
+    from dtm_ops.fileio import atomic_write
     from dtm_ops.templates import DEFAULT_SCALES
 
     searcher = Searcher(
@@ -143,7 +143,7 @@ def _run_search(extractor, store, queries, out, *, top_k, scales, margin, exclud
     took = time.perf_counter() - t
     out = Path(out)
     if heatmaps:
-        sheet = write_results(out, queries, results, stride=extractor.stride, title=f"dtm search over {store.root}")
+        sheet = write_results(out, queries, results, stride=extractor.stride, title=f"dtm search over {store.uri}")
     else:
         out.mkdir(parents=True, exist_ok=True)
         lines = [json.dumps(h.to_record()) + "\n" for q in queries for h in results[q.query_id]]
@@ -165,11 +165,11 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from dtm_ops.features import FeatureExtractor
     from dtm_ops.indexing import index_frames
     from dtm_ops.media import list_frames
-    from dtm_ops.store.local import LocalFeatureStore
+    from dtm_ops.store import FeatureStore
 
     out = Path(a.out)
     lake = build_lake(out / "lake", progress=not a.no_progress)
-    store = LocalFeatureStore(out / "features")
+    store = FeatureStore.open(out / "features")
     extractor = FeatureExtractor(device=a.device)
     report = index_frames(list_frames(lake), store, extractor, progress=not a.no_progress)
     print(f"demo lake: {lake} ({report.added + report.skipped} frames, {report.added} newly indexed)")

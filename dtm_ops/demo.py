@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from dtm_ops.search import Query
-from dtm_ops.store.local import atomic_write
+from dtm_ops.fileio import atomic_write
 
 VTEST = "/usr/share/doc/opencv-doc/examples/data/vtest.avi"
 

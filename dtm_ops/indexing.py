@@ -12,7 +12,7 @@ from dtm_ops.features import FeatureExtractor
 from dtm_ops.media import FrameRef, load_frames
 from dtm_ops.projection import Projection
 from dtm_ops.store.format import FrameEntry
-from dtm_ops.store.local import LocalFeatureStore
+from dtm_ops.store import FeatureStore
 
 
 @dataclass
@@ -29,7 +29,7 @@ def fit_projection(
     step = max(1, len(refs) // sample_frames)
     sample = list(refs[::step])[:sample_frames]
     positions = []
-    for ref, image in load_frames(sample):
+    for _ref, image in load_frames(sample):
         ff = extractor.extract([image], project=False)[0]
         r, c = ff.valid
         positions.append(ff.features[:, :r, :c].reshape(ff.features.shape[0], -1).T)
@@ -40,7 +40,7 @@ def fit_projection(
 
 
 def extractor_for_store(
-    store: LocalFeatureStore, *, weights: str | None = None, device: str | None = None, batch_size: int = 8
+    store: FeatureStore, *, weights: str | None = None, device: str | None = None, batch_size: int = 8
 ) -> FeatureExtractor:
     """The feature extractor that made ``store`` (same backbone, layer, preprocessing, projection)."""
     fp = store.manifest().fingerprint
@@ -53,13 +53,13 @@ def extractor_for_store(
         device=device,
         batch_size=batch_size,
     )
-    extractor.fingerprint.check_same(fp, what=f"features in {store.root}")
+    extractor.fingerprint.check_same(fp, what=f"features in {store.uri}")
     return extractor
 
 
 def index_frames(
     refs: Sequence[FrameRef],
-    store: LocalFeatureStore,
+    store: FeatureStore,
     extractor: FeatureExtractor,
     *,
     shard_frames: int = 256,
@@ -77,9 +77,9 @@ def index_frames(
     if store.exists():
         manifest = store.manifest()
         if pca_dim is not None and store.projection() is None:
-            raise FeatureStoreError(f"{store.root}: store exists without a projection; cannot add one (pca_dim={pca_dim})")
+            raise FeatureStoreError(f"{store.uri}: store exists without a projection; cannot add one (pca_dim={pca_dim})")
         extractor.projection = store.projection()
-        extractor.fingerprint.check_same(manifest.fingerprint, what=f"features in {store.root}")
+        extractor.fingerprint.check_same(manifest.fingerprint, what=f"features in {store.uri}")
         have = manifest.frame_ids()
     else:
         have = set()

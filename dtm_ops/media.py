@@ -1,7 +1,8 @@
 """Reading frames: image files, and frames of videos addressed as ``path#frame=N``.
 
-A *frame source* is a string: an image path, or ``VIDEO#frame=N`` for the 0-based frame
-``N`` of a video file. Frame ids are stable names used in results and stores.
+A *frame source* is a string: an image path or ``s3://bucket/key`` URI, or
+``VIDEO#frame=N`` for the 0-based frame ``N`` of a local video file. Frame ids are stable
+names used in results and stores. S3 is reached with :meth:`S3Config.from_env`.
 """
 
 from __future__ import annotations
@@ -39,12 +40,36 @@ class FrameRef:
     index: int
 
 
+def _s3(uri: str):
+    """``s3://bucket/key`` -> (object store of the bucket, key)."""
+    from dtm_ops.store.objects import S3Config, S3ObjectStore
+
+    bucket, _, key = uri[5:].partition("/")
+    return S3ObjectStore(bucket, "", S3Config.from_env()), key
+
+
 def open_image(path: str | os.PathLike, *, record: object = None, field: str = "image") -> Image.Image:
-    """Open an image or a ``VIDEO#frame=N`` source as RGB, with a clear error if it cannot be read."""
+    """Open an image (path or ``s3://`` URI) or a ``VIDEO#frame=N`` source as RGB, with a
+    clear error if it cannot be read."""
     text = str(path)
     m = _FRAME_RE.match(text)
     if m:
         return read_video_frame(m["path"], int(m["index"]), record=record, field=field)
+    if text.startswith("s3://"):
+        import io
+
+        from dtm_ops.errors import FeatureStoreError
+
+        objects, key = _s3(text)
+        try:
+            data = objects.get(key)
+        except FeatureStoreError as exc:
+            raise InputError(f"cannot read ({exc})", source=text, record=record, field=field) from None
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                return im.convert("RGB")
+        except (UnidentifiedImageError, OSError) as exc:
+            raise InputError(f"not a readable image ({exc})", source=text, record=record, field=field) from None
     if not os.path.exists(text):
         raise InputError("file not found", source=text, record=record, field=field)
     try:
@@ -94,10 +119,13 @@ def is_video(path: str | os.PathLike) -> bool:
 
 
 def list_frames(source: str | os.PathLike, *, step: int = 1) -> list[FrameRef]:
-    """Frames of a folder of images (recursively, sorted) or of a video file.
+    """Frames of a folder of images (recursively, sorted), an ``s3://`` prefix of images, or
+    a video file.
 
-    Video frames are counted by decoding, so a damaged file fails here, before indexing.
+    Video frames are counted by demuxing, so a damaged file fails here, before indexing.
     """
+    if str(source).startswith("s3://"):
+        return _list_s3_frames(str(source), step)
     path = Path(source)
     if not path.exists():
         raise InputError("file or folder not found", source=str(source), field="source")
@@ -105,14 +133,9 @@ def list_frames(source: str | os.PathLike, *, step: int = 1) -> list[FrameRef]:
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
         if not files:
             raise InputError("folder holds no images", source=str(source), field="source")
-        refs = []
-        for i, p in enumerate(files[::step]):
-            rel = p.relative_to(path).with_suffix("")
-            seq = rel.parent.as_posix() if rel.parent != Path(".") else path.name
-            digits = re.search(r"(\d+)$", p.stem)  # frame files named by their index keep it
-            index = int(digits.group(1)) if digits else i * step
-            refs.append(FrameRef(frame_id=rel.as_posix(), source=str(p), sequence=seq, index=index))
-        return refs
+        return [
+            _image_ref(p.relative_to(path), str(p), path.name, i * step) for i, p in enumerate(files[::step])
+        ]
     if path.suffix.lower() in IMAGE_EXTS:
         return [FrameRef(frame_id=path.stem, source=str(path), sequence=path.stem, index=0)]
     if is_video(path):
@@ -133,6 +156,29 @@ def list_frames(source: str | os.PathLike, *, step: int = 1) -> list[FrameRef]:
         source=str(source),
         field="source",
     )
+
+
+def _list_s3_frames(uri: str, step: int) -> list[FrameRef]:
+    objects, prefix = _s3(uri.rstrip("/") + "/")
+    keys = sorted(k for k in objects.list(prefix) if Path(k).suffix.lower() in IMAGE_EXTS)
+    if not keys:
+        raise InputError("prefix holds no images", source=uri, field="source")
+    top = Path(prefix.rstrip("/")).name
+    return [
+        _image_ref(Path(key[len(prefix) :]), f"s3://{objects.bucket}/{key}", top, i * step)
+        for i, key in enumerate(keys[::step])
+    ]
+
+
+def _image_ref(rel: Path, source: str, top: str, position: int) -> FrameRef:
+    """A frame that is an image file at ``rel`` below the scanned folder or prefix ``top``:
+    its id is ``rel`` without extension, its sequence the folder holding it, and its index
+    the trailing digits of its name (frame files named by their index keep it), else
+    its position."""
+    stem = rel.with_suffix("")
+    seq = stem.parent.as_posix() if stem.parent != Path(".") else top
+    digits = re.search(r"(\d+)$", stem.name)
+    return FrameRef(frame_id=stem.as_posix(), source=source, sequence=seq, index=int(digits.group(1)) if digits else position)
 
 
 def load_frames(refs: list[FrameRef]) -> Iterator[tuple[FrameRef, Image.Image]]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from dtm_ops.heatmap import overlay
 from dtm_ops.media import FrameRef, load_frames, open_image
 from dtm_ops.search import Hit, Query
-from dtm_ops.store.local import atomic_write
+from dtm_ops.fileio import atomic_write
 
 THUMB_WIDTH = 360
 

@@ -22,7 +22,7 @@ from dtm_ops.features import FeatureExtractor
 from dtm_ops.matching import best_positions, patchwise_cosine
 from dtm_ops.media import open_image
 from dtm_ops.store.format import FrameEntry, ShardEntry
-from dtm_ops.store.local import LocalFeatureStore
+from dtm_ops.store import FeatureStore
 from dtm_ops.templates import DEFAULT_SCALES, Template, build_templates
 from dtm_ops.topk import TopK
 
@@ -132,9 +132,9 @@ class Searcher:
         self.device = extractor.device
 
     # ------------------------------------------------------------ templates
-    def prepare(self, queries: Sequence[Query], store: LocalFeatureStore) -> list[_Prepared]:
+    def prepare(self, queries: Sequence[Query], store: FeatureStore) -> list[_Prepared]:
         manifest = store.manifest()
-        self.extractor.fingerprint.check_same(manifest.fingerprint, what=f"features in {store.root}")
+        self.extractor.fingerprint.check_same(manifest.fingerprint, what=f"features in {store.uri}")
         by_source = {f.source: f for s in manifest.shards for f in s.frames}
         seen: set[str] = set()
         prepared = []
@@ -156,7 +156,7 @@ class Searcher:
             calibrate([t for p in prepared for t in p.templates], self._sample_batches(store), self.device)
         return prepared
 
-    def _sample_batches(self, store: LocalFeatureStore) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _sample_batches(self, store: FeatureStore) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         shards = store.manifest().shards
         total = sum(len(s.frames) for s in shards)
         step = max(1, total // max(1, self.calibration_frames))
@@ -169,7 +169,7 @@ class Searcher:
                 yield feats[sel].float(), valid[sel]
 
     # ------------------------------------------------------------ scan
-    def search(self, store: LocalFeatureStore, queries: Sequence[Query], *, heatmaps: bool = True) -> dict[str, list[Hit]]:
+    def search(self, store: FeatureStore, queries: Sequence[Query], *, heatmaps: bool = True) -> dict[str, list[Hit]]:
         """Run every query in one pass over the store; returns hits per query, best first."""
         prepared = self.prepare(queries, store)
         heaps = self.scan(store, prepared)
@@ -184,7 +184,7 @@ class Searcher:
         return results
 
     def scan(
-        self, store: LocalFeatureStore, prepared: Sequence[_Prepared], shards: Sequence[ShardEntry] | None = None
+        self, store: FeatureStore, prepared: Sequence[_Prepared], shards: Sequence[ShardEntry] | None = None
     ) -> dict[str, TopK]:
         """Top-k per query over ``shards`` (default: all): what a mapped scan task computes."""
         from tqdm import tqdm
@@ -295,7 +295,7 @@ class Searcher:
         )
 
     # ------------------------------------------------------------ heat maps
-    def _attach_heatmaps(self, store: LocalFeatureStore, prepared, results: dict[str, list[Hit]]) -> None:
+    def _attach_heatmaps(self, store: FeatureStore, prepared, results: dict[str, list[Hit]]) -> None:
         """Recompute similarity maps for the hits only, as calibrated heat per frame cell."""
         from dtm_ops.heatmap import cell_heat
 

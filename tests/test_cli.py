@@ -102,4 +102,4 @@ def test_missing_image_and_missing_store(lake, features):
     r = run("search", "--features", str(lake / "features"), "--image", str(lake / "nope.jpg"), "--box", "0,0,5,5", "--out", str(lake / "x"))
     assert r.returncode == 2 and "nope.jpg: record query: field 'image': file not found" in r.stderr
     r = run("search", "--features", str(lake / "nostore"), "--image", "x.jpg", "--box", "0,0,5,5", "--out", str(lake / "x"))
-    assert r.returncode == 2 and "missing manifest.json" in r.stderr
+    assert r.returncode == 2 and "no feature store here (no manifest); run 'dtm extract' first" in r.stderr

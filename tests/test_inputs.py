@@ -14,7 +14,7 @@ from dtm_ops.indexing import index_frames
 from dtm_ops.media import list_frames, open_image
 from dtm_ops.queries import read_queries
 from dtm_ops.search import Query, Searcher
-from dtm_ops.store.local import LocalFeatureStore
+from dtm_ops.store import FeatureStore
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ def test_query_paths_resolve_against_the_query_file(tmp_path):
 
 
 def test_search_rejects_box_outside_image_and_duplicate_ids(lake, tmp_path, random_extractor):
-    store = LocalFeatureStore(tmp_path / "features")
+    store = FeatureStore.open(tmp_path / "features")
     index_frames(list_frames(lake), store, random_extractor)
     image = str(next(lake.rglob("*.jpg")))
     searcher = Searcher(random_extractor, top_k=2)
@@ -97,7 +97,7 @@ def test_search_rejects_box_outside_image_and_duplicate_ids(lake, tmp_path, rand
 
 
 def test_search_refuses_features_of_another_extractor(lake, tmp_path, random_extractor):
-    store = LocalFeatureStore(tmp_path / "features")
+    store = FeatureStore.open(tmp_path / "features")
     index_frames(list_frames(lake), store, random_extractor)
     other = FeatureExtractor("efficientnet_lite0", "block_s8", long_side=128, weights="random", device="cpu")
     with pytest.raises(FingerprintMismatch, match="layer"):
@@ -105,7 +105,7 @@ def test_search_refuses_features_of_another_extractor(lake, tmp_path, random_ext
 
 
 def test_reindexing_adds_nothing_and_new_frames_add_shards(lake, tmp_path, random_extractor):
-    store = LocalFeatureStore(tmp_path / "features")
+    store = FeatureStore.open(tmp_path / "features")
     first = index_frames(list_frames(lake), store, random_extractor)
     again = index_frames(list_frames(lake), store, random_extractor)
     assert (first.added, again.added, again.skipped) == (4, 0, 4)

@@ -17,7 +17,7 @@ from dtm_ops.boxes import box_iou
 from dtm_ops.features import FrameFeatures
 from dtm_ops.search import Query, Searcher
 from dtm_ops.store.format import FrameEntry
-from dtm_ops.store.local import LocalFeatureStore
+from dtm_ops.store import FeatureStore
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +76,7 @@ def planted(tmp_path_factory, bikes_frames, extractor):
         ff: FrameFeatures = extractor.extract([im])[0]
         entries.append(FrameEntry(f"planted/{idx:06d}", str(path), "planted", idx, im.width, im.height, ff.valid, ff.scale))
         feats.append(ff.features)
-    store = LocalFeatureStore(root / "features")
+    store = FeatureStore.open(root / "features")
     store.append(extractor.fingerprint, entries, feats)
     queries = {}
     for name, (src, box) in OBJECTS.items():
@@ -131,7 +131,7 @@ def test_calibration_removes_the_small_scale_bias_and_keeps_the_right_scale(plan
         assert right >= 0.8 * planted_n
 
 
-def test_all_mode_needs_every_object_and_any_mode_takes_either(planted, extractor, bikes_frames):
+def test_all_mode_needs_every_object_and_any_mode_takes_either(planted, extractor, bikes_frames, tmp_path):
     store, truth, _ = planted
     # The query: both objects planted at full size into a real frame that is not in the lake.
     canvas = bikes_frames[2].copy()
@@ -141,7 +141,7 @@ def test_all_mode_needs_every_object_and_any_mode_takes_either(planted, extracto
         crop = bikes_frames[src].crop(tuple(int(v) for v in box))
         canvas.paste(crop, at)
         boxes.append((float(at[0]), float(at[1]), float(at[0] + crop.width), float(at[1] + crop.height)))
-    qpath = store.root.parent / "both.png"
+    qpath = tmp_path / "both.png"
     canvas.save(qpath)
     both = _frames_with(truth, "taxi_sign", "cyclist")
     either = _frames_with(truth, "taxi_sign") | _frames_with(truth, "cyclist")

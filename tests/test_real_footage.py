@@ -14,7 +14,7 @@ from dtm_ops.boxes import box_iou
 from dtm_ops.indexing import index_frames
 from dtm_ops.media import list_frames
 from dtm_ops.search import Query, Searcher
-from dtm_ops.store.local import LocalFeatureStore
+from dtm_ops.store import FeatureStore
 from tests.conftest import BIKES_SHOTS
 
 pytestmark = pytest.mark.slow
@@ -25,7 +25,7 @@ LABELS = Path(__file__).resolve().parents[2] / "shared" / "data" / "pseudo_label
 
 @pytest.fixture(scope="module")
 def bikes_store(tmp_path_factory, bikes_path, extractor):
-    store = LocalFeatureStore(tmp_path_factory.mktemp("bikes") / "features")
+    store = FeatureStore.open(tmp_path_factory.mktemp("bikes") / "features")
     index_frames(list_frames(bikes_path, step=4), store, extractor)
     return store
 
@@ -65,7 +65,7 @@ def test_small_person_is_found_and_localised_in_other_frames(tmp_path, extractor
     """Query: a pedestrian covering 0.56% of the frame. Hits (away from the query frame)
     land on people: their best-match boxes overlap a person box from two independent
     detectors."""
-    store = LocalFeatureStore(tmp_path / "features")
+    store = FeatureStore.open(tmp_path / "features")
     index_frames(list_frames(VTEST, step=8), store, extractor)
     q = Query("person", f"{VTEST}#frame=100", [(587.0, 158.0, 619.0, 237.0)], ["person"])
     hits = Searcher(extractor, top_k=10, exclude_window=40).search(store, [q], heatmaps=False)["person"]

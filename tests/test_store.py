@@ -1,84 +1,151 @@
-"""Local feature store: round trip, idempotent append, and every integrity failure."""
+"""The feature store on both backends (a local folder and a real S3 server): round trip,
+versions, atomic commits, concurrent writers, compression, and every integrity failure."""
 
 from __future__ import annotations
 
-import json
+import threading
 
 import pytest
 import torch
 
 from dtm_ops.errors import FeatureStoreError, FingerprintMismatch
 from dtm_ops.fingerprint import Fingerprint
-from dtm_ops.store.format import FrameEntry
-from dtm_ops.store.local import LocalFeatureStore
+from dtm_ops.store import FeatureStore
+from dtm_ops.store.feature_store import POINTER, SHARDS, manifest_key
+from dtm_ops.store.format import FrameEntry, Manifest
 
 FP = Fingerprint(backbone="b", weights="w" * 64, layer="l", stride=16, channels=4, preprocess={"long_side": 64})
 
 
-def _frames(n: int, grid=(3, 5), prefix="f"):
+def _frames(n: int, grid=(3, 5), prefix="f", seed=0):
+    g = torch.Generator().manual_seed(seed)
     entries = [FrameEntry(f"{prefix}{i}", f"/x/{prefix}{i}.jpg", "seq", i, 80, 48, grid, 1.0) for i in range(n)]
-    feats = [torch.nn.functional.normalize(torch.randn(4, *grid), dim=0) for _ in range(n)]
+    feats = [torch.nn.functional.normalize(torch.randn(4, *grid, generator=g), dim=0) for _ in range(n)]
     return entries, feats
 
 
-def test_round_trip_groups_by_grid_and_skips_known_frames(tmp_path):
-    store = LocalFeatureStore(tmp_path)
+def _open(store_uri, **kw) -> FeatureStore:
+    uri, cfg = store_uri
+    return FeatureStore.open(uri, s3_config=cfg, **kw)
+
+
+def _all_frames(store: FeatureStore) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    got = {}
+    for entry, feats, valid in store.iter_shards():
+        for k, fr in enumerate(entry.frames):
+            assert fr.frame_id not in got, f"frame {fr.frame_id} stored twice"
+            got[fr.frame_id] = (feats[k], valid[k])
+    return got
+
+
+def test_round_trip_groups_by_grid_and_skips_known_frames(store_uri):
+    store = _open(store_uri)
     e1, f1 = _frames(3, (3, 5), "a")
     e2, f2 = _frames(2, (4, 4), "b")
     new = store.append(FP, e1 + e2, f1 + f2)
     assert sorted(s.grid for s in new) == [(3, 5), (4, 4)]
-    assert store.append(FP, e1, f1) == []  # nothing new
-    got = {}
-    for entry, feats, valid in store.iter_shards():
-        for k, fr in enumerate(entry.frames):
-            got[fr.frame_id] = (feats[k], valid[k])
+    assert store.append(FP, e1, f1) == []  # nothing new: no new version
+    assert store.latest_version() == 1
+    got = _all_frames(_open(store_uri))  # a fresh reader
     assert set(got) == {"a0", "a1", "a2", "b0", "b1"}
     torch.testing.assert_close(got["a1"][0].float(), f1[1], atol=1e-3, rtol=0)  # fp16 storage
     assert got["b0"][1].tolist() == [4, 4]
-    assert not list(tmp_path.rglob("*.tmp"))
 
 
-def test_corrupted_shard_is_named(tmp_path):
-    store = LocalFeatureStore(tmp_path)
-    store.append(FP, *_frames(2))
-    shard = next((tmp_path / "shards").iterdir())
-    data = bytearray(shard.read_bytes())
+def test_versions_are_immutable_snapshots_and_a_lagging_pointer_is_harmless(store_uri):
+    store = _open(store_uri)
+    store.append(FP, *_frames(2, prefix="a"))
+    store.append(FP, *_frames(3, prefix="b"))
+    assert store.latest_version() == 2
+    assert store.manifest(1).frame_count == 2 and store.manifest(2).frame_count == 5
+    store.objects.put(POINTER, b'{"version": 1}')  # a writer died before moving the pointer
+    reader = _open(store_uri)
+    assert reader.latest_version() == 2 and reader.manifest().frame_count == 5
+
+
+def test_concurrent_writers_lose_and_duplicate_nothing(store_uri):
+    """Four writers at once, with overlapping frames: every frame is stored exactly once."""
+    batches = [_frames(6, prefix="p", seed=1)] * 2 + [_frames(5, prefix=f"w{i}", seed=i) for i in range(2)]
+    errors = []
+    start = threading.Barrier(len(batches))
+
+    def write(entries, feats):
+        try:
+            start.wait()
+            _open(store_uri).append(FP, entries, feats)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=b) for b in batches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    got = _all_frames(_open(store_uri))
+    assert set(got) == {f"p{i}" for i in range(6)} | {f"w{i}{j}" for i in range(2) for j in range(5)}
+
+
+def test_int8_round_trip_error_is_small(store_uri):
+    store = _open(store_uri)
+    entries, feats = _frames(4, (6, 7))
+    store.append(FP, entries, feats, dtype="int8")
+    got = _all_frames(store)
+    worst = max((got[e.frame_id][0].float() - f).abs().max().item() for e, f in zip(entries, feats))
+    assert worst <= 1 / 127 + 1e-3  # half a quantisation step of the largest component, and fp16
+    with pytest.raises(FeatureStoreError, match="store holds int8 features"):
+        store.append(FP, *_frames(1, (6, 7), prefix="z"), dtype="float16")
+
+
+def test_corrupted_shard_is_named(store_uri):
+    store = _open(store_uri)
+    (entry,) = store.append(FP, *_frames(2))
+    data = bytearray(store.objects.get(SHARDS + entry.name))
     data[-10] ^= 0xFF
-    shard.write_bytes(bytes(data))
-    with pytest.raises(FeatureStoreError, match=f"shard {shard.name}: checksum mismatch"):
+    store.objects.put(SHARDS + entry.name, bytes(data))
+    with pytest.raises(FeatureStoreError, match=f"shard {entry.name}: checksum mismatch"):
         list(store.iter_shards())
 
 
-def test_missing_shard_and_unknown_version(tmp_path):
-    store = LocalFeatureStore(tmp_path)
-    store.append(FP, *_frames(2))
-    shard = next((tmp_path / "shards").iterdir())
-    shard.unlink()
-    with pytest.raises(FeatureStoreError, match=f"shard {shard.name} named by the manifest is missing"):
+def test_missing_shard_and_unknown_version(store_uri):
+    store = _open(store_uri)
+    (entry,) = store.append(FP, *_frames(2))
+    store.objects.delete(SHARDS + entry.name)
+    with pytest.raises(FeatureStoreError, match=f"shard {entry.name} named by the manifest is missing"):
         list(store.iter_shards())
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
-    manifest["format_version"] = 99
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    future = Manifest(fingerprint=FP, format_version=99, version=2)
+    store.objects.put(manifest_key(2), future.to_bytes())
     with pytest.raises(FeatureStoreError, match="unknown feature-store format version 99"):
-        store.manifest()
+        _open(store_uri).manifest()
 
 
-def test_nan_features_are_refused_naming_the_frame(tmp_path):
+def test_nan_features_are_refused_naming_the_frame(store_uri):
     entries, feats = _frames(3)
     feats[2][1, 0, 0] = float("nan")
+    store = _open(store_uri)
     with pytest.raises(FeatureStoreError, match="frame 'f2': field 'features' holds NaN"):
-        LocalFeatureStore(tmp_path).append(FP, entries, feats)
-    assert not (tmp_path / "manifest.json").exists()
+        store.append(FP, entries, feats)
+    assert store.latest_version() == 0 and not list(store.objects.list(SHARDS))
 
 
-def test_other_fingerprint_is_refused(tmp_path):
-    store = LocalFeatureStore(tmp_path)
+def test_other_fingerprint_is_refused(store_uri):
+    store = _open(store_uri)
     store.append(FP, *_frames(1))
     other = Fingerprint(backbone="b", weights="w" * 64, layer="other", stride=16, channels=4, preprocess={"long_side": 64})
     with pytest.raises(FingerprintMismatch, match="layer"):
         store.append(other, *_frames(1, prefix="z"))
 
 
-def test_missing_store_is_a_clear_error(tmp_path):
+def test_missing_store_is_a_clear_error(store_uri):
     with pytest.raises(FeatureStoreError, match="run 'dtm extract' first"):
-        LocalFeatureStore(tmp_path / "nope").manifest()
+        _open(store_uri).manifest()
+
+
+def test_streaming_keeps_order_and_prefetch_budget(store_uri):
+    store = _open(store_uri, prefetch_bytes=1)  # budget below one shard: one at a time
+    for i in range(5):
+        store.append(FP, *_frames(2, (3, 3 + i), prefix=f"s{i}"))
+    names = [s.name for s in store.manifest().shards]
+    assert [e.name for e, _, _ in store.iter_shards()] == names
+    wide = _open(store_uri, prefetch_bytes=1 << 30)
+    assert [e.name for e, _, _ in wide.iter_shards()] == names

@@ -10,7 +10,7 @@ def test_topk_equals_sorting_with_ties_by_key(seed):
     rng = random.Random(seed)
     items = [(float(rng.randint(0, 20)), f"f{i:04d}") for i in range(300)]  # many ties
     want = sorted(items, key=lambda t: (-t[0], t[1]))[:17]
-    for order in range(3):
+    for _ in range(3):
         rng.shuffle(items)
         heap = TopK(17)
         for score, key in items:

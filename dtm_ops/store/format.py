@@ -1,24 +1,33 @@
 """The feature-store format, version 1.
 
-Layout under a store root::
+Layout under a store root (a folder, or ``s3://bucket/prefix``)::
 
-    manifest.json              the manifest (below); replaced atomically, written last
-    shards/<name>.safetensors  one shard: frames of one padded grid size
-    projection.safetensors     optional PCA projection (its sha256 is in the fingerprint)
+    shards/<sha256[:20]>.safetensors    one shard: frames of one padded grid size
+    manifests/v0000000001.json.gz       manifest version 1 (immutable), 2, 3, ...
+    latest.json                         {"version": N}: the newest committed version (a hint)
+    projection.safetensors              optional PCA projection (its sha256 is in the fingerprint)
+
+A commit writes its shards, then creates the next manifest version *exclusively* (a
+second writer of the same version fails and retries on top of the winner), then the
+pointer. Readers take the pointer and probe forward for newer versions, so a reader
+never sees a manifest naming a missing shard, and a lagging pointer costs one request.
 
 A shard is a safetensors file (a JSON header and raw little-endian arrays: reading it
 runs no code, unlike pickle / ``torch.load``) with tensors
 
-    features  Tensor[N, C, H, W]  float16 (default) or float32, unit-norm per valid cell
+    features  Tensor[N, C, H, W]  float16 (default), float32, or int8, unit-norm per valid cell
+    scales    Tensor[N, 1, H, W]  float16, int8 only: features = int8 * scales / 127
     valid     Tensor[N, 2]        int32, valid (rows, cols) of cells per frame
 
-The manifest lists, per shard, its sha256, byte size, grid and frames (frame id, source
-URI, sequence and index, original width/height, valid cells, resize scale), together
-with the feature fingerprint, dtype and format version.
+Each manifest is a full snapshot: per shard its sha256, byte size, grid and frames (frame
+id, source URI, sequence and index, original width/height, valid cells, resize scale),
+with the feature fingerprint, dtype, format version and its own version number. It is
+gzip-compressed JSON.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -29,7 +38,7 @@ from dtm_ops.errors import FeatureStoreError
 from dtm_ops.fingerprint import Fingerprint
 
 FORMAT_VERSION = 1
-DTYPES = {"float16": torch.float16, "float32": torch.float32}
+DTYPES = {"float16": torch.float16, "float32": torch.float32, "int8": torch.int8}
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,7 @@ class Manifest:
     dtype: str = "float16"
     shards: list[ShardEntry] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
+    version: int = 0
 
     @property
     def frame_count(self) -> int:
@@ -67,23 +77,24 @@ class Manifest:
     def frame_ids(self) -> set[str]:
         return {f.frame_id for s in self.shards for f in s.frames}
 
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "format_version": self.format_version,
-                "fingerprint": self.fingerprint.to_dict(),
-                "dtype": self.dtype,
-                "shards": [asdict(s) for s in self.shards],
-            },
-            indent=1,
-        )
+    def to_bytes(self) -> bytes:
+        doc = {
+            "format_version": self.format_version,
+            "version": self.version,
+            "fingerprint": self.fingerprint.to_dict(),
+            "dtype": self.dtype,
+            "shards": [asdict(s) for s in self.shards],
+        }
+        return gzip.compress(json.dumps(doc, separators=(",", ":")).encode(), mtime=0)
 
     @classmethod
-    def from_json(cls, text: str, *, source: str) -> "Manifest":
+    def from_bytes(cls, blob: bytes, *, source: str) -> "Manifest":
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise FeatureStoreError(f"{source}: manifest is not valid JSON ({exc})") from None
+            data = json.loads(gzip.decompress(blob))
+        except (OSError, EOFError, ValueError) as exc:
+            raise FeatureStoreError(f"{source}: manifest is not gzip-compressed JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise FeatureStoreError(f"{source}: manifest is not a JSON object")
         version = data.get("format_version")
         if version != FORMAT_VERSION:
             raise FeatureStoreError(
@@ -107,21 +118,38 @@ class Manifest:
             fingerprint = Fingerprint.from_dict(data["fingerprint"])
         except (KeyError, TypeError) as exc:
             raise FeatureStoreError(f"{source}: manifest is missing or has a bad field: {exc}") from None
-        return cls(fingerprint=fingerprint, dtype=data["dtype"], shards=shards, format_version=version)
+        return cls(
+            fingerprint=fingerprint,
+            dtype=data["dtype"],
+            shards=shards,
+            format_version=version,
+            version=int(data.get("version", 0)),
+        )
 
 
-def encode_shard(features: torch.Tensor, valid: torch.Tensor) -> bytes:
-    """``features (Tensor[N, C, H, W])``, ``valid (Tensor[N, 2])`` -> safetensors bytes."""
+def encode_shard(features: torch.Tensor, valid: torch.Tensor, dtype: str = "float16") -> bytes:
+    """``features (Tensor[N, C, H, W])``, ``valid (Tensor[N, 2])`` -> safetensors bytes.
+
+    ``int8`` quantises per position: ``scale = max |x| over channels``, ``q = round(127 x / scale)``.
+    """
     from safetensors.torch import save
 
-    return save(
-        {"features": features.contiguous(), "valid": valid.to(torch.int32).contiguous()},
-        metadata={"format": f"dtm-shard/{FORMAT_VERSION}"},
-    )
+    tensors = {"valid": valid.to(torch.int32).contiguous()}
+    if dtype == "int8":
+        x = features.float()
+        scales = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-8)
+        tensors["features"] = torch.round(x / scales * 127).to(torch.int8).contiguous()
+        tensors["scales"] = scales.to(torch.float16).contiguous()
+    else:
+        tensors["features"] = features.to(DTYPES[dtype]).contiguous()
+    return save(tensors, metadata={"format": f"dtm-shard/{FORMAT_VERSION}", "dtype": dtype})
 
 
 def decode_shard(data: bytes, entry: ShardEntry, *, source: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Verify ``data`` against the manifest entry and return ``(features, valid)``."""
+    """Verify ``data`` against the manifest entry and return ``(features, valid)``.
+
+    Features come back as float16 (int8 shards are dequantised) or float32.
+    """
     from safetensors.torch import load
 
     digest = hashlib.sha256(data).hexdigest()
@@ -132,6 +160,8 @@ def decode_shard(data: bytes, entry: ShardEntry, *, source: str) -> tuple[torch.
     try:
         tensors = load(data)
         features, valid = tensors["features"], tensors["valid"]
+        if features.dtype == torch.int8:
+            features = (features.to(torch.float32) * tensors["scales"].to(torch.float32) / 127).to(torch.float16)
     except Exception as exc:  # noqa: BLE001 - any decoding failure is a corrupt shard
         raise FeatureStoreError(f"{source}: shard {entry.name}: cannot decode ({exc})") from None
     if features.shape[0] != len(entry.frames) or tuple(features.shape[2:]) != tuple(entry.grid):

@@ -1,0 +1,258 @@
+"""The feature store: versioned manifests and checksummed shards over an object store.
+
+See :mod:`dtm_ops.store.format` for the layout and the commit protocol.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from dtm_ops.errors import FeatureStoreError
+from dtm_ops.fingerprint import Fingerprint
+from dtm_ops.projection import Projection
+from dtm_ops.store.format import (
+    DTYPES,
+    FrameEntry,
+    Manifest,
+    ShardEntry,
+    check_finite,
+    decode_shard,
+    encode_shard,
+)
+from dtm_ops.store.objects import AlreadyExists, ObjectNotFound, ObjectStore, S3Config, open_objects
+
+log = logging.getLogger(__name__)
+
+POINTER = "latest.json"
+PROJECTION = "projection.safetensors"
+SHARDS = "shards/"
+#: Shards larger than this are fetched as parallel ranged GETs of this size (it pays off on
+#: high-latency stores; on a nearby server one GET per shard is as fast).
+PART_BYTES = 64 << 20
+
+
+def manifest_key(version: int) -> str:
+    return f"manifests/v{version:010d}.json.gz"
+
+
+class FeatureStore:
+    """Sharded frame features under a folder or ``s3://bucket/prefix``.
+
+    Args:
+        objects: where the bytes live (:func:`dtm_ops.store.objects.open_objects`).
+        workers: threads for parallel (ranged) GETs when streaming shards.
+        prefetch_bytes: memory budget of shard bytes fetched ahead of the consumer
+            (at least one shard is always in flight).
+    """
+
+    def __init__(self, objects: ObjectStore, *, workers: int = 8, prefetch_bytes: int = 512 << 20) -> None:
+        self.objects = objects
+        self.workers = workers
+        self.prefetch_bytes = prefetch_bytes
+        self._manifests: dict[int, Manifest] = {}
+
+    @classmethod
+    def open(cls, uri: str | os.PathLike, *, s3_config: S3Config | None = None, **kwargs) -> "FeatureStore":
+        return cls(open_objects(uri, s3_config=s3_config), **kwargs)
+
+    @property
+    def uri(self) -> str:
+        return self.objects.uri
+
+    # ------------------------------------------------------------------ versions
+    def latest_version(self) -> int:
+        """Newest committed manifest version (0: empty store)."""
+        version = 0
+        try:
+            version = int(json.loads(self.objects.get(POINTER))["version"])
+        except ObjectNotFound:
+            pass
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("%s: ignoring unreadable %s (%s)", self.uri, POINTER, exc)
+        while self.objects.size(manifest_key(version + 1)) is not None:
+            version += 1
+        return version
+
+    def exists(self) -> bool:
+        return self.latest_version() > 0
+
+    def manifest(self, version: int | None = None) -> Manifest:
+        """The manifest of ``version`` (default: the newest)."""
+        if version is None:
+            version = self.latest_version()
+        if version == 0:
+            raise FeatureStoreError(f"{self.uri}: no feature store here (no manifest); run 'dtm extract' first")
+        if version not in self._manifests:
+            key = manifest_key(version)
+            try:
+                blob = self.objects.get(key)
+            except ObjectNotFound:
+                raise FeatureStoreError(f"{self.uri}: manifest version {version} is missing ({key})") from None
+            m = Manifest.from_bytes(blob, source=f"{self.uri}/{key}")
+            if m.version != version:
+                raise FeatureStoreError(f"{self.uri}/{key}: says it is version {m.version}")
+            self._manifests[version] = m
+        return self._manifests[version]
+
+    # ------------------------------------------------------------------ projection
+    def projection(self) -> Projection | None:
+        from safetensors.torch import load
+
+        try:
+            t = load(self.objects.get(PROJECTION))
+        except ObjectNotFound:
+            return None
+        return Projection(mean=t["mean"], components=t["components"])
+
+    def save_projection(self, projection: Projection) -> None:
+        from safetensors.torch import save
+
+        self.objects.put(PROJECTION, save(projection.state_dict()))
+
+    # ------------------------------------------------------------------ reading
+    def read_shard(self, entry: ShardEntry) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(features Tensor[N, C, H, W], valid Tensor[N, 2])`` of one shard, verified."""
+        return self._decode(entry, self._fetch(entry))
+
+    def _fetch(self, entry: ShardEntry, pool: ThreadPoolExecutor | None = None) -> bytes:
+        key = SHARDS + entry.name
+        try:
+            if entry.bytes <= PART_BYTES or pool is None:
+                return self.objects.get(key)
+            ranges = [(o, min(o + PART_BYTES, entry.bytes) - 1) for o in range(0, entry.bytes, PART_BYTES)]
+            return b"".join(pool.map(lambda r: self.objects.get(key, r), ranges))
+        except ObjectNotFound:
+            raise FeatureStoreError(f"{self.uri}: shard {entry.name} named by the manifest is missing") from None
+
+    def _decode(self, entry: ShardEntry, data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+        # No NaN scan here: append() refuses non-finite features, and the sha256 proves the
+        # bytes are those written (the scan would cost as much as the checksum).
+        return decode_shard(data, entry, source=self.uri)
+
+    def iter_shards(
+        self, shards: Sequence[ShardEntry] | None = None
+    ) -> Iterator[tuple[ShardEntry, torch.Tensor, torch.Tensor]]:
+        """Stream shards in order, fetching ahead within the memory budget.
+
+        GETs (ranged, in parallel, for large shards), checksum and decoding run on worker
+        threads while the caller works on earlier shards. A failed shard raises when the
+        caller reaches it; nothing after it is yielded.
+        """
+        shards = list(self.manifest().shards if shards is None else shards)
+        if not shards:
+            return
+        io_pool = ThreadPoolExecutor(self.workers, thread_name_prefix="dtm-get")
+        cpu_pool = ThreadPoolExecutor(2, thread_name_prefix="dtm-decode")
+        budget = threading.Semaphore(1)  # guards the byte count below
+        pending: deque[tuple[ShardEntry, Future]] = deque()
+        in_flight = 0
+        nxt = 0
+
+        def load(entry: ShardEntry):
+            return self._decode(entry, self._fetch(entry, io_pool))
+
+        try:
+            while nxt < len(shards) or pending:
+                while nxt < len(shards) and (not pending or in_flight + shards[nxt].bytes <= self.prefetch_bytes):
+                    entry = shards[nxt]
+                    with budget:
+                        in_flight += entry.bytes
+                    pending.append((entry, cpu_pool.submit(load, entry)))
+                    nxt += 1
+                entry, fut = pending.popleft()
+                features, valid = fut.result()
+                with budget:
+                    in_flight -= entry.bytes
+                yield entry, features, valid
+        finally:
+            for _, fut in pending:
+                fut.cancel()
+            cpu_pool.shutdown(wait=True, cancel_futures=True)
+            io_pool.shutdown(wait=True, cancel_futures=True)
+
+    def frame_features(self, frame_ids: Sequence[str]) -> dict[str, tuple[FrameEntry, torch.Tensor]]:
+        """Features ``Tensor[C, H, W]`` of selected frames (reads only the shards that hold them)."""
+        wanted = set(frame_ids)
+        out: dict[str, tuple[FrameEntry, torch.Tensor]] = {}
+        hold = [s for s in self.manifest().shards if any(f.frame_id in wanted for f in s.frames)]
+        for entry, features, _ in self.iter_shards(hold):
+            for i, f in enumerate(entry.frames):
+                if f.frame_id in wanted:
+                    out[f.frame_id] = (f, features[i])
+        return out
+
+    # ------------------------------------------------------------------ writing
+    def append(
+        self,
+        fingerprint: Fingerprint,
+        frames: Sequence[FrameEntry],
+        features: Sequence[torch.Tensor],
+        *,
+        dtype: str = "float16",
+        max_conflicts: int = 10,
+    ) -> list[ShardEntry]:
+        """Add frames (``features[k]``: ``Tensor[C, H, W]``) as new shards, one per grid size.
+
+        Frames already in the store are skipped. Shards are written first, then the next
+        manifest version (exclusively), then the pointer. When another writer committed in
+        between, the frames it added are dropped from ours, the shards rewritten, and the
+        commit retried on top of it (at most ``max_conflicts`` times).
+        """
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        for k, f in enumerate(frames):
+            check_finite(features[k][None], [f.frame_id], source=self.uri)
+        for _attempt in range(max_conflicts + 1):
+            version = self.latest_version()
+            if version:
+                base = self.manifest(version)
+                fingerprint.check_same(base.fingerprint, what=f"features in {self.uri}")
+                if base.dtype != dtype:
+                    raise FeatureStoreError(f"{self.uri}: store holds {base.dtype} features, asked to append {dtype}")
+            else:
+                base = Manifest(fingerprint=fingerprint, dtype=dtype)
+            new = self._write_shards(base.frame_ids(), frames, features, dtype)
+            if not new:
+                return []
+            manifest = Manifest(
+                fingerprint=base.fingerprint, dtype=dtype, shards=[*base.shards, *new], version=version + 1
+            )
+            try:
+                self.objects.put(manifest_key(version + 1), manifest.to_bytes(), exclusive=True)
+            except AlreadyExists:
+                log.info("%s: version %d was committed by another writer; retrying on top of it", self.uri, version + 1)
+                continue
+            self._manifests[version + 1] = manifest
+            self.objects.put(POINTER, json.dumps({"version": version + 1}).encode())
+            return new
+        raise FeatureStoreError(
+            f"{self.uri}: gave up after {max_conflicts} commit conflicts with other writers; nothing was committed"
+        )
+
+    def _write_shards(self, have: set[str], frames, features, dtype: str) -> list[ShardEntry]:
+        groups: dict[tuple[int, int], list[int]] = {}
+        seen = set(have)
+        for k, (f, t) in enumerate(zip(frames, features, strict=True)):
+            if f.frame_id in seen:
+                continue
+            seen.add(f.frame_id)
+            groups.setdefault(tuple(t.shape[1:]), []).append(k)
+        new = []
+        for grid, idxs in groups.items():
+            feats = torch.stack([features[k] for k in idxs])
+            valid = torch.tensor([frames[k].valid for k in idxs], dtype=torch.int32)
+            data = encode_shard(feats, valid, dtype)
+            digest = hashlib.sha256(data).hexdigest()
+            name = f"{digest[:20]}.safetensors"  # content-addressed: a retry rewrites the same name
+            self.objects.put(SHARDS + name, data)
+            new.append(ShardEntry(name=name, sha256=digest, bytes=len(data), grid=grid, frames=tuple(frames[k] for k in idxs)))
+        return new

@@ -1,0 +1,257 @@
+"""Object stores: the few operations the feature store needs, on a local folder or S3.
+
+Keys are ``/``-separated and relative to the store's root (a folder, or ``s3://bucket/prefix``).
+
+- ``put(key, data)`` makes the object visible whole or not at all (a local write goes to a
+  temporary name and is renamed; an S3 PUT is atomic).
+- ``put(key, data, exclusive=True)`` fails with :class:`AlreadyExists` when the key exists:
+  a hard link on disk, ``If-None-Match: *`` on S3. Manifest versions use it, so two
+  writers can never both commit version N.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from dtm_ops.errors import FeatureStoreError
+from dtm_ops.fileio import FileExists, atomic_write
+
+
+class ObjectNotFound(FeatureStoreError):
+    """The key does not exist."""
+
+
+class AlreadyExists(FeatureStoreError):
+    """An exclusive put found the key taken."""
+
+
+class ObjectStore(Protocol):
+    uri: str
+
+    def get(self, key: str, byte_range: tuple[int, int] | None = None) -> bytes:
+        """Bytes of ``key`` (``byte_range``: inclusive ``(first, last)``)."""
+
+    def put(self, key: str, data: bytes, *, exclusive: bool = False) -> None: ...
+
+    def size(self, key: str) -> int | None:
+        """Byte size, or ``None`` when the key does not exist."""
+
+    def list(self, prefix: str = "") -> Iterator[str]: ...
+
+    def delete(self, key: str) -> None: ...
+
+
+def open_objects(uri: str | os.PathLike, *, s3_config: "S3Config | None" = None) -> ObjectStore:
+    """``s3://bucket/prefix`` -> :class:`S3ObjectStore`; anything else is a local folder."""
+    text = str(uri)
+    if text.startswith("s3://"):
+        bucket, _, prefix = text[5:].partition("/")
+        if not bucket:
+            raise FeatureStoreError(f"{text}: an S3 URI needs a bucket: s3://bucket/prefix")
+        return S3ObjectStore(bucket, prefix.strip("/"), s3_config or S3Config.from_env())
+    return LocalObjectStore(text)
+
+
+# --------------------------------------------------------------------------- local
+class LocalObjectStore:
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def get(self, key: str, byte_range: tuple[int, int] | None = None) -> bytes:
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                if byte_range is None:
+                    return f.read()
+                f.seek(byte_range[0])
+                return f.read(byte_range[1] - byte_range[0] + 1)
+        except FileNotFoundError:
+            raise ObjectNotFound(f"{self.uri}: {key} not found") from None
+
+    def put(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
+        try:
+            atomic_write(self._path(key), data, exclusive=exclusive)
+        except FileExists:
+            raise AlreadyExists(f"{self.uri}: {key} already exists") from None
+
+    def size(self, key: str) -> int | None:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        base = self.root / prefix
+        folder = base if base.is_dir() else base.parent
+        if not folder.is_dir():
+            return
+        for p in sorted(folder.rglob("*")):
+            rel = p.relative_to(self.root).as_posix()
+            if p.is_file() and rel.startswith(prefix) and not p.name.endswith(".tmp"):
+                yield rel
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- S3
+@dataclass(frozen=True)
+class S3Config:
+    """How to reach S3 (AWS, Ceph RGW, MinIO). Secrets never appear in ``repr``.
+
+    ``from_env`` reads ``DTM_S3_ENDPOINT`` (or ``AWS_ENDPOINT_URL``), ``AWS_DEFAULT_REGION``
+    and the usual ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``
+    (left to boto3's own credential chain when unset).
+    """
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key: str | None = field(default=None, repr=False)
+    secret_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+    max_attempts: int = 5
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    path_style: bool = True
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "S3Config":
+        e = os.environ if env is None else env
+        return cls(
+            endpoint_url=e.get("DTM_S3_ENDPOINT") or e.get("AWS_ENDPOINT_URL") or None,
+            region=e.get("AWS_DEFAULT_REGION") or e.get("AWS_REGION") or None,
+            access_key=e.get("AWS_ACCESS_KEY_ID") or None,
+            secret_key=e.get("AWS_SECRET_ACCESS_KEY") or None,
+            session_token=e.get("AWS_SESSION_TOKEN") or None,
+            max_attempts=int(e.get("DTM_S3_MAX_ATTEMPTS", "5")),
+        )
+
+    def client(self):
+        """A boto3 S3 client: retries with backoff on throttling, 5xx and dropped connections."""
+        import boto3
+        from botocore.config import Config
+
+        return boto3.session.Session().client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=self.region,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            aws_session_token=self.session_token,
+            config=Config(
+                retries={"max_attempts": self.max_attempts, "mode": "standard"},
+                connect_timeout=self.connect_timeout,
+                read_timeout=self.read_timeout,
+                s3={"addressing_style": "path" if self.path_style else "auto"},
+                max_pool_connections=32,
+            ),
+        )
+
+
+class S3ObjectStore:
+    """Objects under ``s3://bucket/prefix``. One boto3 client, created on first use and shared
+    by the reader's threads (low-level boto3 clients are thread-safe; creating one costs
+    tens of milliseconds)."""
+
+    def __init__(self, bucket: str, prefix: str, config: S3Config) -> None:
+        self.bucket = bucket
+        self.prefix = prefix
+        self.config = config
+        self.uri = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+        self._client = None
+        self._lock = threading.Lock()
+
+    @property
+    def client(self):
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = self.config.client()
+        return self._client
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _fail(self, key: str, exc: Exception, what: str) -> FeatureStoreError:
+        from botocore.exceptions import ClientError
+
+        if isinstance(exc, ClientError):
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                return ObjectNotFound(f"{self.uri}: {key} not found")
+            if code == "NoSuchBucket":
+                return FeatureStoreError(f"{self.uri}: bucket {self.bucket!r} does not exist")
+            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                return FeatureStoreError(f"{self.uri}: {what} {key}: access denied ({code}); check the S3 credentials")
+            return FeatureStoreError(f"{self.uri}: {what} {key} failed: {code or exc}")
+        return FeatureStoreError(
+            f"{self.uri}: {what} {key} failed after {self.config.max_attempts} attempts: {type(exc).__name__}: {exc}"
+        )
+
+    def get(self, key: str, byte_range: tuple[int, int] | None = None) -> bytes:
+        kwargs = {"Bucket": self.bucket, "Key": self._key(key)}
+        if byte_range is not None:
+            kwargs["Range"] = f"bytes={byte_range[0]}-{byte_range[1]}"
+        for attempt in range(self.config.max_attempts):
+            try:
+                body = self.client.get_object(**kwargs)["Body"]  # botocore retries the request
+            except Exception as exc:  # noqa: BLE001 - classified by _fail
+                raise self._fail(key, exc, "GET") from None
+            try:
+                return body.read()
+            except Exception as exc:  # noqa: BLE001 - the body was cut off mid-stream: try again
+                if attempt + 1 == self.config.max_attempts:
+                    raise self._fail(key, exc, "GET") from None
+                time.sleep(min(2.0, 0.1 * 2**attempt))
+        raise AssertionError("unreachable")
+
+    def put(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
+        kwargs = {"Bucket": self.bucket, "Key": self._key(key), "Body": data}
+        if exclusive:
+            kwargs["IfNoneMatch"] = "*"
+        try:
+            self.client.put_object(**kwargs)
+        except Exception as exc:  # noqa: BLE001
+            from botocore.exceptions import ClientError
+
+            if isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in (
+                "PreconditionFailed",
+                "ConditionalRequestConflict",
+            ):
+                raise AlreadyExists(f"{self.uri}: {key} already exists") from None
+            raise self._fail(key, exc, "PUT") from None
+
+    def size(self, key: str) -> int | None:
+        try:
+            return int(self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"])
+        except Exception as exc:  # noqa: BLE001
+            err = self._fail(key, exc, "HEAD")
+            if isinstance(err, ObjectNotFound):
+                return None
+            raise err from None
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._key(prefix))
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    yield obj["Key"][strip:]
+        except Exception as exc:  # noqa: BLE001
+            raise self._fail(prefix, exc, "LIST") from None
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception as exc:  # noqa: BLE001
+            raise self._fail(key, exc, "DELETE") from None

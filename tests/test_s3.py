@@ -1,0 +1,119 @@
+"""S3 paths against a real S3 server (Ceph RGW on 127.0.0.1): indexing frames that live in
+S3, searching a store in S3, the server going away mid-read, and bad credentials."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from dtm_ops.errors import FeatureStoreError
+from dtm_ops.search import Query, Searcher
+from dtm_ops.store import FeatureStore
+from tests.conftest import S3Server
+from tests.test_store import FP, _frames
+
+DTM = str(Path(sys.executable).parent / "dtm")
+
+
+def _upload_frames(server: S3Server, bucket: str, frames: dict, indices) -> None:
+    client = server.config().client()
+    for idx in indices:
+        buf = io.BytesIO()
+        frames[idx].save(buf, format="JPEG", quality=95)
+        client.put_object(Bucket=bucket, Key=f"frames/bikes/{idx:06d}.jpg", Body=buf.getvalue())
+
+
+@pytest.mark.slow
+def test_cli_indexes_frames_in_s3_and_search_equals_a_local_store(s3_server, s3_bucket, bikes_frames, tmp_path):
+    indices = list(range(0, 250, 25)) + [220]
+    _upload_frames(s3_server, s3_bucket, bikes_frames, indices)
+    env = {**os.environ, **s3_server.env}
+    feats = f"s3://{s3_bucket}/features"
+    r = subprocess.run([DTM, "extract", f"s3://{s3_bucket}/frames/", "--features", feats, "--no-progress"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "indexed 11 new frames" in r.stdout
+    again = subprocess.run([DTM, "extract", f"s3://{s3_bucket}/frames/", "--features", feats, "--no-progress"],
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert "indexed 0 new frames (11 already present)" in again.stdout
+
+    query = f"s3://{s3_bucket}/frames/bikes/000220.jpg"
+    out = tmp_path / "out"
+    r = subprocess.run([DTM, "search", "--features", feats, "--image", query, "--box", "268,10,535,212",
+                        "--top-k", "4", "--out", str(out), "--no-progress", "--exclude-window", "-1"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert rows[0]["frame_id"] == "bikes/000220" and rows[0]["source"] == query
+    assert all((out / row["heatmap"]).is_file() for row in rows)
+
+    # The same frames indexed into a local folder rank the same way.
+    local_frames = tmp_path / "frames" / "bikes"
+    local_frames.mkdir(parents=True)
+    for idx in indices:
+        (local_frames / f"{idx:06d}.jpg").write_bytes(s3_server.config().client().get_object(
+            Bucket=s3_bucket, Key=f"frames/bikes/{idx:06d}.jpg")["Body"].read())
+    r = subprocess.run([DTM, "extract", str(tmp_path / "frames"), "--features", str(tmp_path / "lf"), "--no-progress"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([DTM, "search", "--features", str(tmp_path / "lf"), "--image", str(local_frames / "000220.jpg"),
+                        "--box", "268,10,535,212", "--top-k", "4", "--out", str(tmp_path / "lout"), "--no-heatmaps",
+                        "--no-progress", "--exclude-window", "-1"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    local = [json.loads(line) for line in (tmp_path / "lout" / "results.jsonl").read_text().splitlines()]
+    assert [(x["frame_id"], round(x["score"], 4)) for x in local] == [(x["frame_id"], round(x["score"], 4)) for x in rows]
+
+
+@pytest.fixture
+def doomed_server(tmp_path):
+    """A server of its own, for a test that kills it."""
+    server = S3Server(tmp_path / "doomed")
+    yield server
+    server.stop()
+
+
+def test_server_going_away_mid_read_fails_clearly_and_reports_nothing(doomed_server, random_extractor, tmp_path):
+    bucket = doomed_server.bucket("doomed")
+    cfg = doomed_server.config(max_attempts=2, connect_timeout=1.0, read_timeout=2.0)
+    store = FeatureStore.open(f"s3://{bucket}/f", s3_config=cfg, prefetch_bytes=1, workers=1)
+    for i in range(6):
+        store.append(FP, *_frames(2, (3, 3 + i), prefix=f"s{i}"))
+    stream = store.iter_shards()
+    first = next(stream)
+    assert first[0].name == store.manifest().shards[0].name
+    pid = int((doomed_server.folder / "run" / "client.rgw.a.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(FeatureStoreError, match=r"shards/.*failed after 2 attempts"):
+        for _ in stream:
+            pass
+
+    # A search over a store whose server is gone raises: no partial result is returned.
+    searcher = Searcher(random_extractor, top_k=3)
+    image = tmp_path / "q.jpg"
+    __import__("PIL.Image").Image.new("RGB", (96, 64), (200, 10, 10)).save(image)
+    with pytest.raises(FeatureStoreError):
+        searcher.search(store, [Query("q", str(image), [(0, 0, 40, 40)])])
+
+
+def test_wrong_credentials_are_a_clear_error_without_the_secret(s3_server, s3_bucket):
+    secret = "not-the-right-secret-0123456789"
+    cfg = replace(s3_server.config(), secret_key=secret, max_attempts=1)
+    assert secret not in repr(cfg)
+    store = FeatureStore.open(f"s3://{s3_bucket}/f", s3_config=cfg)
+    with pytest.raises(FeatureStoreError, match="access denied") as err:
+        store.append(FP, *_frames(1))
+    assert secret not in str(err.value)
+
+
+def test_missing_bucket_is_named(s3_server):
+    store = FeatureStore.open("s3://no-such-bucket-dtm/f", s3_config=s3_server.config(max_attempts=1))
+    with pytest.raises(FeatureStoreError, match="bucket 'no-such-bucket-dtm' does not exist"):
+        store.append(FP, *_frames(1))
