@@ -12,3 +12,4 @@ test: setup
 
 bench: setup
 	.venv/bin/python benchmarks/bench_matcher.py
+	.venv/bin/python benchmarks/bench_store.py

@@ -27,17 +27,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dtm", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    ex = sub.add_parser("extract", help="extract features of images or videos into a local feature store")
-    ex.add_argument("sources", nargs="+", help="folders of images (recursive), image files or video files")
-    ex.add_argument("--features", required=True, help="feature store folder (created, or appended to)")
+    ex = sub.add_parser(
+        "extract", aliases=["index"], help="index frames: extract features of images or videos into a feature store"
+    )
+    ex.add_argument("sources", nargs="+", help="folders or s3:// prefixes of images (recursive), image files or video files")
+    ex.add_argument("--features", required=True, help="feature store: a folder or s3://bucket/prefix (created, or appended to)")
     _extractor_args(ex)
     ex.add_argument("--step", type=int, default=1, help="take every N-th frame or image (default 1)")
     ex.add_argument("--shard-frames", type=int, default=256, help="frames per shard file (default 256)")
-    ex.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage dtype (default float16)")
+    ex.add_argument(
+        "--dtype", choices=["float16", "float32", "int8"], default="float16",
+        help="storage: float16 (default), float32, or int8 per-position quantisation (half of float16)",
+    )
     ex.add_argument("--pca-dim", type=int, default=None, help="project features to this many channels (PCA fitted on sample frames)")
 
     se = sub.add_parser("search", help="rank the store's frames by Deep Template Matching against query ROIs")
-    se.add_argument("--features", required=True, help="feature store folder made by 'dtm extract'")
+    se.add_argument("--features", required=True, help="feature store made by 'dtm extract': a folder or s3://bucket/prefix")
     g = se.add_mutually_exclusive_group(required=True)
     g.add_argument("--image", help="query image (or VIDEO#frame=N)")
     g.add_argument("--queries", help="JSON Lines file of queries (see dtm_ops/queries.py)")
@@ -189,7 +194,7 @@ def cmd_backbones(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"extract": cmd_extract, "search": cmd_search, "demo": cmd_demo, "backbones": cmd_backbones}[args.command]
+    handler = {"extract": cmd_extract, "index": cmd_extract, "search": cmd_search, "demo": cmd_demo, "backbones": cmd_backbones}[args.command]
     try:
         return handler(args)
     except (DtmError, FileNotFoundError) as exc:

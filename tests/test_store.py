@@ -149,3 +149,31 @@ def test_streaming_keeps_order_and_prefetch_budget(store_uri):
     assert [e.name for e, _, _ in store.iter_shards()] == names
     wide = _open(store_uri, prefetch_bytes=1 << 30)
     assert [e.name for e, _, _ in wide.iter_shards()] == names
+
+
+def test_a_commit_that_fails_after_its_shards_leaves_the_old_version_whole(store_uri, monkeypatch):
+    store = _open(store_uri)
+    store.append(FP, *_frames(2, prefix="a"))
+    put = store.objects.put
+
+    def failing_put(key, data, *, exclusive=False):
+        if key.startswith("manifests/"):
+            raise FeatureStoreError("simulated crash before the manifest")
+        return put(key, data, exclusive=exclusive)
+
+    monkeypatch.setattr(store.objects, "put", failing_put)
+    with pytest.raises(FeatureStoreError, match="simulated crash"):
+        store.append(FP, *_frames(3, prefix="b"))
+    reader = _open(store_uri)
+    assert reader.latest_version() == 1
+    assert set(_all_frames(reader)) == {"a0", "a1"}  # the orphan shard is invisible
+
+
+def test_s3_config_from_an_airflow_aws_connection():
+    from dtm_ops.store.objects import S3Config
+
+    cfg = S3Config.from_aws_connection("AKIA", "s3cr3t", {"endpoint_url": "http://127.0.0.1:9000", "region_name": "eu-west-1"})
+    assert (cfg.endpoint_url, cfg.region, cfg.access_key, cfg.secret_key) == ("http://127.0.0.1:9000", "eu-west-1", "AKIA", "s3cr3t")
+    assert "s3cr3t" not in repr(cfg) and "AKIA" not in repr(cfg)
+    nested = S3Config.from_aws_connection(None, None, {"service_config": {"s3": {"endpoint_url": "http://x"}}})
+    assert nested.endpoint_url == "http://x" and nested.access_key is None

@@ -136,6 +136,21 @@ class S3Config:
             max_attempts=int(e.get("DTM_S3_MAX_ATTEMPTS", "5")),
         )
 
+    @classmethod
+    def from_aws_connection(cls, login: str | None, password: str | None, extra: dict | None) -> "S3Config":
+        """From the fields of an Airflow ``aws`` connection (as the Amazon provider reads them):
+        login = access key id, password = secret key, extra = ``endpoint_url`` (or
+        ``service_config.s3.endpoint_url``), ``region_name``, ``aws_session_token``."""
+        extra = extra or {}
+        endpoint = extra.get("endpoint_url") or extra.get("service_config", {}).get("s3", {}).get("endpoint_url")
+        return cls(
+            endpoint_url=endpoint,
+            region=extra.get("region_name"),
+            access_key=login or extra.get("aws_access_key_id"),
+            secret_key=password or extra.get("aws_secret_access_key"),
+            session_token=extra.get("aws_session_token"),
+        )
+
     def client(self):
         """A boto3 S3 client: retries with backoff on throttling, 5xx and dropped connections."""
         import boto3
