@@ -5,7 +5,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	.venv/bin/dtm demo --out demo-output
+	bash scripts/demo.sh
 
 test: setup
 	bash scripts/test.sh

@@ -71,3 +71,27 @@ def demo_queries(lake: str | Path) -> list[Query]:
         if image.exists():
             out.append(Query(query_id=qid, source=str(image), boxes=list(boxes), labels=list(labels), mode=mode))
     return out
+
+
+def write_sample_report(lake: str | Path, path: str | Path) -> Path:
+    """A sample FP/FN report file for the demo lake, from the demo queries' real boxes,
+    plus one record with a box outside its frame (it shows the quarantine at work)."""
+    import json
+
+    lake, path = Path(lake), Path(path)
+    records = []
+    for video, frame, boxes, labels, _mode, qid in DEMO_QUERIES:
+        image = lake / video / f"{frame:06d}.jpg"
+        if not image.exists():
+            continue
+        records.append({
+            "schema": "dtm-report/1", "report_id": qid, "frame_uri": str(image), "frame_id": f"{video}/{frame:06d}",
+            "sequence_id": video, "timestamp": frame, "detector": "demo-detector", "model_version": "0.1",
+            "error_type": "false_negative", "class": labels[0], "boxes": [list(b) for b in boxes], "tags": ["demo"],
+        })
+    first = records[0]
+    records.append({**first, "report_id": "bad-box", "error_type": "false_positive", "score": 0.4,
+                    "boxes": [[600.0, 100.0, 900.0, 200.0]], "tags": ["demo", "deliberately bad"]})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in records).encode())
+    return path

@@ -132,3 +132,41 @@ def index_frames(
         if entries:
             flush_shard()
     return IndexReport(added=len(todo), skipped=len(refs) - len(todo), shards=shards)
+
+
+def plan_index_batches(frames_uri: str, features_uri: str, batch_frames: int, max_tasks: int) -> list[str]:
+    """Cut the frames not yet indexed into at most ``max_tasks`` batches of at least
+    ``batch_frames``; each batch's frame list is written under ``staging/`` of the store
+    (named by its content, so a re-run overwrites it) and its key returned."""
+    import hashlib
+    import json
+    import math
+    from dataclasses import asdict
+
+    from dtm_ops.media import list_frames
+    from dtm_ops.store import FeatureStore
+
+    store = FeatureStore.open(features_uri)
+    have = store.manifest().frame_ids() if store.exists() else set()
+    todo = [asdict(r) for r in list_frames(frames_uri) if r.frame_id not in have]
+    size = max(batch_frames, math.ceil(len(todo) / max(1, max_tasks)))
+    keys = []
+    for start in range(0, len(todo), size):
+        blob = json.dumps(todo[start : start + size]).encode()
+        key = f"staging/index-batch-{hashlib.sha256(blob).hexdigest()[:16]}.json"
+        store.objects.put(key, blob)
+        keys.append(key)
+    return keys
+
+
+def index_batch(batch_key: str, features_uri: str, *, dtype: str = "float16", device: str | None = None) -> dict:
+    """Index one planned batch (see :func:`plan_index_batches`) into the store."""
+    import json
+
+    from dtm_ops.store import FeatureStore
+
+    store = FeatureStore.open(features_uri)
+    refs = [FrameRef(**r) for r in json.loads(store.objects.get(batch_key))]
+    extractor = extractor_for_store(store, device=device) if store.exists() else FeatureExtractor(device=device)
+    report = index_frames(refs, store, extractor, dtype=dtype)
+    return {"batch": batch_key, "added": report.added, "skipped": report.skipped, "shards": report.shards}

@@ -2,7 +2,8 @@
 
 A *frame source* is a string: an image path or ``s3://bucket/key`` URI, or
 ``VIDEO#frame=N`` for the 0-based frame ``N`` of a local video file. Frame ids are stable
-names used in results and stores. S3 is reached with :meth:`S3Config.from_env`.
+names used in results and stores. S3 is reached with the default S3 settings
+(:func:`dtm_ops.store.objects.default_s3_config`).
 """
 
 from __future__ import annotations
@@ -42,10 +43,10 @@ class FrameRef:
 
 def _s3(uri: str):
     """``s3://bucket/key`` -> (object store of the bucket, key)."""
-    from dtm_ops.store.objects import S3Config, S3ObjectStore
+    from dtm_ops.store.objects import S3ObjectStore, default_s3_config
 
     bucket, _, key = uri[5:].partition("/")
-    return S3ObjectStore(bucket, "", S3Config.from_env()), key
+    return S3ObjectStore(bucket, "", default_s3_config()), key
 
 
 def open_image(path: str | os.PathLike, *, record: object = None, field: str = "image") -> Image.Image:

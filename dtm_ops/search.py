@@ -87,10 +87,58 @@ class Hit:
 
 
 @dataclass
-class _Prepared:
+class PreparedQuery:
+    """A query with its calibrated templates: what the scan needs, built once per run."""
+
     query: Query
     templates: list[Template]
     exclude: tuple[str, int] | None  # (sequence, index) of the query frame when it is in the lake
+
+
+def save_prepared(prepared: Sequence[PreparedQuery], fingerprint) -> bytes:
+    """Prepared queries -> safetensors bytes (template tensors + JSON metadata; no pickle)."""
+    import json
+
+    from safetensors.torch import save
+
+    tensors, meta = {}, []
+    for p in prepared:
+        temps = []
+        for t in p.templates:
+            name = f"t{len(tensors)}"
+            tensors[name] = t.features.contiguous()
+            temps.append({"tensor": name, "roi_index": t.roi_index, "scale": t.scale, "rel_box": list(t.rel_box),
+                          "mu": t.mu, "sigma": t.sigma})
+        q = p.query
+        meta.append({"query_id": q.query_id, "source": q.source, "boxes": [list(b) for b in q.boxes],
+                     "labels": q.labels, "mode": q.mode, "exclude": list(p.exclude) if p.exclude else None,
+                     "templates": temps})
+    return save(tensors, metadata={"fingerprint": fingerprint.id, "queries": json.dumps(meta)})
+
+
+def load_prepared(data: bytes, fingerprint) -> list[PreparedQuery]:
+    """Inverse of :func:`save_prepared`; refuses templates made for another feature extractor."""
+    import json
+
+    from safetensors.torch import load
+
+    from dtm_ops.errors import FingerprintMismatch
+
+    tensors = load(data)
+    header_len = int.from_bytes(data[:8], "little")
+    metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
+    if metadata.get("fingerprint") != fingerprint.id:
+        raise FingerprintMismatch(
+            f"templates were made for features {metadata.get('fingerprint')}, the store holds {fingerprint.id}"
+        )
+    out = []
+    for m in json.loads(metadata["queries"]):
+        q = Query(query_id=m["query_id"], source=m["source"], boxes=[tuple(b) for b in m["boxes"]],
+                  labels=m["labels"], mode=m["mode"])
+        temps = [Template(query_id=q.query_id, roi_index=t["roi_index"], scale=t["scale"], features=tensors[t["tensor"]],
+                          rel_box=tuple(t["rel_box"]), mu=t["mu"], sigma=t["sigma"]) for t in m["templates"]]
+        out.append(PreparedQuery(q, temps, tuple(m["exclude"]) if m["exclude"] else None))
+    return out
 
 
 class Searcher:
@@ -132,7 +180,7 @@ class Searcher:
         self.device = extractor.device
 
     # ------------------------------------------------------------ templates
-    def prepare(self, queries: Sequence[Query], store: FeatureStore) -> list[_Prepared]:
+    def prepare(self, queries: Sequence[Query], store: FeatureStore) -> list[PreparedQuery]:
         manifest = store.manifest()
         self.extractor.fingerprint.check_same(manifest.fingerprint, what=f"features in {store.uri}")
         by_source = {f.source: f for s in manifest.shards for f in s.frames}
@@ -151,7 +199,7 @@ class Searcher:
                 self.extractor, image, boxes, query_id=q.query_id, scales=self.scales, margin=self.margin
             )
             entry = by_source.get(q.source)
-            prepared.append(_Prepared(q, templates, (entry.sequence, entry.index) if entry else None))
+            prepared.append(PreparedQuery(q, templates, (entry.sequence, entry.index) if entry else None))
         if self.calibration_frames > 0:
             calibrate([t for p in prepared for t in p.templates], self._sample_batches(store), self.device)
         return prepared
@@ -184,7 +232,7 @@ class Searcher:
         return results
 
     def scan(
-        self, store: FeatureStore, prepared: Sequence[_Prepared], shards: Sequence[ShardEntry] | None = None
+        self, store: FeatureStore, prepared: Sequence[PreparedQuery], shards: Sequence[ShardEntry] | None = None
     ) -> dict[str, TopK]:
         """Top-k per query over ``shards`` (default: all): what a mapped scan task computes."""
         from tqdm import tqdm
@@ -275,7 +323,7 @@ class Searcher:
                 )
             t0 += nt
 
-    def _excluded(self, p: _Prepared, frame: FrameEntry) -> bool:
+    def _excluded(self, p: PreparedQuery, frame: FrameEntry) -> bool:
         if p.exclude is None or self.exclude_window < 0:
             return False
         seq, idx = p.exclude

@@ -47,6 +47,20 @@ class ObjectStore(Protocol):
     def delete(self, key: str) -> None: ...
 
 
+_DEFAULT_S3: "S3Config | None" = None
+
+
+def set_default_s3_config(config: "S3Config | None") -> None:
+    """The S3 settings used where none are passed (an Airflow task sets them from its
+    connection); ``None`` goes back to the environment."""
+    global _DEFAULT_S3
+    _DEFAULT_S3 = config
+
+
+def default_s3_config() -> "S3Config":
+    return _DEFAULT_S3 or S3Config.from_env()
+
+
 def open_objects(uri: str | os.PathLike, *, s3_config: "S3Config | None" = None) -> ObjectStore:
     """``s3://bucket/prefix`` -> :class:`S3ObjectStore`; anything else is a local folder."""
     text = str(uri)
@@ -54,7 +68,7 @@ def open_objects(uri: str | os.PathLike, *, s3_config: "S3Config | None" = None)
         bucket, _, prefix = text[5:].partition("/")
         if not bucket:
             raise FeatureStoreError(f"{text}: an S3 URI needs a bucket: s3://bucket/prefix")
-        return S3ObjectStore(bucket, prefix.strip("/"), s3_config or S3Config.from_env())
+        return S3ObjectStore(bucket, prefix.strip("/"), s3_config or default_s3_config())
     return LocalObjectStore(text)
 
 

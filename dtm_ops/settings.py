@@ -1,0 +1,86 @@
+"""Workflow settings from environment variables, with defaults that make the demo work.
+
+Cheap to import (the DAG files read it at parse time). Locations may be folders or
+``s3://`` URIs; S3 credentials come from the Airflow connection ``DTM_AWS_CONN_ID``
+(default ``aws_default``) when it exists, else from the environment.
+
+| variable | default | meaning |
+|---|---|---|
+| DTM_HOME | ~/dtm | base folder of the defaults below |
+| DTM_FRAMES_URI | $DTM_HOME/lake | the data lake's frames (images) |
+| DTM_FEATURES_URI | $DTM_HOME/features | the feature store |
+| DTM_REPORTS_URI | $DTM_HOME/reports | detector FP/FN reports (*.jsonl) |
+| DTM_RUNS_URI | $DTM_HOME/runs | per-run results, partials, reports |
+| DTM_SINK | manifest | labeling sink: manifest, none |
+| DTM_SINK_URI | $DTM_HOME/labeling | where the manifest sink writes |
+| DTM_MAX_SCAN_TASKS | 16 | upper bound of mapped scan tasks, whatever the lake's size |
+| DTM_MAX_INDEX_TASKS | 16 | upper bound of mapped indexing tasks |
+| DTM_GPU_POOL / DTM_GPU_QUEUE | gpu / gpu | pool and queue of the GPU tasks |
+| DTM_RETRY_DELAY_S | 30 | seconds between a failed task's tries |
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+def _abs(uri: str) -> str:
+    return uri if uri.startswith("s3://") else os.path.abspath(os.path.expanduser(uri))
+
+
+def asset_uri(uri: str) -> str:
+    """An Airflow Asset URI for a location (``file://`` for folders)."""
+    return uri if uri.startswith("s3://") else "file://" + _abs(uri)
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: str
+    frames_uri: str
+    features_uri: str
+    reports_uri: str
+    runs_uri: str
+    sink: str
+    sink_uri: str
+    max_scan_tasks: int
+    max_index_tasks: int
+    gpu_pool: str
+    gpu_queue: str
+    aws_conn_id: str
+    retry_delay_s: float
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        e = os.environ
+        home = _abs(e.get("DTM_HOME", "~/dtm"))
+        return cls(
+            home=home,
+            frames_uri=_abs(e.get("DTM_FRAMES_URI", f"{home}/lake")),
+            features_uri=_abs(e.get("DTM_FEATURES_URI", f"{home}/features")),
+            reports_uri=_abs(e.get("DTM_REPORTS_URI", f"{home}/reports")),
+            runs_uri=_abs(e.get("DTM_RUNS_URI", f"{home}/runs")),
+            sink=e.get("DTM_SINK", "manifest"),
+            sink_uri=_abs(e.get("DTM_SINK_URI", f"{home}/labeling")),
+            max_scan_tasks=int(e.get("DTM_MAX_SCAN_TASKS", "16")),
+            max_index_tasks=int(e.get("DTM_MAX_INDEX_TASKS", "16")),
+            gpu_pool=e.get("DTM_GPU_POOL", "gpu"),
+            gpu_queue=e.get("DTM_GPU_QUEUE", "gpu"),
+            aws_conn_id=e.get("DTM_AWS_CONN_ID", "aws_default"),
+            retry_delay_s=float(e.get("DTM_RETRY_DELAY_S", "30")),
+        )
+
+
+def use_airflow_connection(conn_id: str) -> None:
+    """Inside a task: take S3 settings from the Airflow connection ``conn_id`` if it exists
+    (the environment is used otherwise). Secrets are never logged."""
+    from dtm_ops.store.objects import S3Config, set_default_s3_config
+
+    try:
+        from airflow.sdk import BaseHook
+
+        conn = BaseHook.get_connection(conn_id)
+    except Exception:  # noqa: BLE001 - no such connection: the environment applies
+        set_default_s3_config(None)
+        return
+    set_default_s3_config(S3Config.from_aws_connection(conn.login, conn.password, conn.extra_dejson))

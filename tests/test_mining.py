@@ -1,0 +1,136 @@
+"""The mining steps as plain functions, on a small real lake in several shards."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dtm_ops import mining
+from dtm_ops.indexing import index_frames
+from dtm_ops.media import list_frames
+from dtm_ops.store import FeatureStore
+
+pytestmark = pytest.mark.slow
+BIKE = [268.0, 10.0, 535.0, 212.0]
+
+
+@pytest.fixture(scope="module")
+def lake(tmp_path_factory, bikes_frames, extractor):
+    root = tmp_path_factory.mktemp("mining")
+    folder = root / "lake" / "bikes"
+    folder.mkdir(parents=True)
+    for idx in range(0, 250, 8):
+        bikes_frames[idx].save(folder / f"{idx:06d}.jpg", quality=95)
+    store = FeatureStore.open(root / "features")
+    index_frames(list_frames(root / "lake"), store, extractor, shard_frames=6)
+    return root
+
+
+def _report(root, rid, **kw):
+    rec = {"schema": "dtm-report/1", "report_id": rid, "frame_uri": str(root / "lake/bikes/000216.jpg"),
+           "error_type": "false_negative", "class": "bicycle", "boxes": [BIKE]}
+    rec.update(kw)
+    return json.dumps(rec)
+
+
+def _run(tmp_path, root, lines, **cfg):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "r.jsonl").write_text("\n".join(lines) + "\n")
+    run = mining.RunFolder(str(tmp_path / "run"))
+    config = mining.MiningConfig(features_uri=str(root / "features"), top_k=cfg.pop("top_k", 5), **cfg)
+    return run, config, mining.fetch_reports(run, str(tmp_path / "r.jsonl"))
+
+
+def _mine(run, config, max_tasks):
+    mining.validate_reports(run)
+    t = mining.build_templates(run, config)
+    groups = mining.plan_scan(config, max_tasks, t["manifest_version"])
+    keys = [mining.scan_group(run, config, g) for g in groups]
+    mining.merge_results(run, config, keys)
+    return groups
+
+
+def test_mixed_report_quarantines_bad_records_with_reasons_and_mines_the_rest(lake, tmp_path):
+    lines = [
+        _report(lake, "good"),
+        "{not json",
+        _report(lake, "outside", boxes=[[600, 100, 900, 200]]),
+        _report(lake, "kind", error_type="false_alarm"),
+        _report(lake, "gone", frame_uri=str(lake / "lake/bikes/missing.jpg")),
+        _report(lake, "fp-score", error_type="false_positive", score=1.7),
+    ]
+    run, cfg, fetched = _run(tmp_path, lake, lines)
+    assert fetched == {"reports": 5, "unparsable": 1}
+    assert mining.validate_reports(run) == {"valid": 1, "quarantined": 5}
+    reasons = {q["record"]["report_id"] if isinstance(q["record"], dict) else "json": q["reasons"]
+               for q in run.get_lines("reports/quarantine.jsonl")}
+    assert reasons["json"][0].startswith("not valid JSON")
+    assert "field 'boxes[0]'" in reasons["outside"][0] and "outside the 640x272 image" in reasons["outside"][0]
+    assert "field 'error_type': 'false_alarm' is not one of" in reasons["kind"][0]
+    assert "field 'frame_uri': frame cannot be read" in reasons["gone"][0]
+    assert "field 'score'" in reasons["fp-score"][0]
+    _mine(run, cfg, 3)
+    rows = run.get_lines("results.jsonl")
+    assert {r["query_id"] for r in rows} == {"good"} and [r["rank"] for r in rows] == [1, 2, 3, 4, 5]
+
+
+def test_a_report_file_that_is_all_bad_fails_the_run(lake, tmp_path):
+    run, _, _ = _run(tmp_path, lake, [_report(lake, "a", boxes=[[1, 1, 0, 0]]), "[1, 2]"])
+    with pytest.raises(mining.ValidationFailed, match="every report was quarantined"):
+        mining.validate_reports(run)
+
+
+def test_scan_groups_are_bounded_and_results_do_not_depend_on_grouping(lake, tmp_path):
+    shards = FeatureStore.open(lake / "features").manifest().shards
+    assert len(shards) >= 4  # 32 frames, flushed per batch of 8
+    results = {}
+    for max_tasks in (1, 3, 100):
+        run, cfg, _ = _run(tmp_path / str(max_tasks), lake, [_report(lake, "q")], dedupe_window=0)
+        groups = _mine(run, cfg, max_tasks)
+        assert len(groups) == min(max_tasks, len(shards))
+        assert sorted(n for g in groups for n in g["shards"]) == sorted(s.name for s in shards)
+        results[max_tasks] = [(r["frame_id"], round(r["score"], 6)) for r in run.get_lines("results.jsonl")]
+    assert results[1] == results[3] == results[100]
+
+
+def test_a_retried_scan_task_rewrites_the_same_partial(lake, tmp_path):
+    run, cfg, _ = _run(tmp_path, lake, [_report(lake, "q")])
+    mining.validate_reports(run)
+    t = mining.build_templates(run, cfg)
+    group = mining.plan_scan(cfg, 2, t["manifest_version"])[0]
+    first = run.objects.get(mining.scan_group(run, cfg, group))
+    assert run.objects.get(mining.scan_group(run, cfg, group)) == first
+
+
+def test_failed_result_validation_blocks_the_push(lake, tmp_path):
+    run, cfg, _ = _run(tmp_path, lake, [_report(lake, "q")])
+    _mine(run, cfg, 2)
+    rows = run.get_lines("results.jsonl")
+    run.put_lines("results.jsonl", rows + [dict(rows[0], rank=99)])  # a duplicate row, rank past top_k
+    with pytest.raises(mining.ValidationFailed, match="more than one row"):
+        mining.validate_results(run, cfg)
+    with pytest.raises(mining.ValidationFailed, match="nothing pushed"):
+        mining.push(run, cfg, "manifest", str(tmp_path / "sink"), run_id="r", dry_run=False)
+    assert not (tmp_path / "sink").exists()
+
+
+def test_push_is_idempotent_and_dry_run_pushes_nothing(lake, tmp_path):
+    run, cfg, _ = _run(tmp_path, lake, [_report(lake, "q")])
+    _mine(run, cfg, 2)
+    mining.validate_results(run, cfg)
+    sink = tmp_path / "sink"
+    dry = mining.push(run, cfg, "manifest", str(sink), run_id="r1", dry_run=True)
+    assert dry["pushed"] == 0 and dry["would_push"] == 5 and not sink.exists()
+    first = mining.push(run, cfg, "manifest", str(sink), run_id="r1", dry_run=False)
+    again = mining.push(run, cfg, "manifest", str(sink), run_id="r2", dry_run=False)
+    assert (first["pushed"], first["already"]) == (5, 0)
+    assert (again["pushed"], again["already"]) == (0, 5)
+    tasks = sorted((sink / "tasks").glob("*.json"))
+    assert len(tasks) == 5
+    task = json.loads(tasks[0].read_text())
+    pred = task["predictions"][0]["result"][0]
+    assert pred["type"] == "rectanglelabels" and pred["value"]["rectanglelabels"] == ["bicycle"]
+    row = next(r for r in run.get_lines("results.jsonl") if r["frame_id"] == task["data"]["frame_id"])
+    x1 = pred["value"]["x"] * pred["original_width"] / 100
+    assert x1 == pytest.approx(row["box"][0], abs=1e-6)
