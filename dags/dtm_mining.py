@@ -61,7 +61,9 @@ def _run():
         "min_score": Param(None, type=["null", "number"], title="Minimum score", description="Calibrated score (z) a hit must reach.", section="Search"),
         "scales": Param(None, type=["null", "string"], title="Template scales", description="Comma-separated, e.g. 0.5,1,2 (default 0.25..8).", section="Search"),
         "mode": Param("any", enum=["any", "all"], title="Several boxes", description="any: best box; all: a frame must hold every box.", section="Search"),
-        "sink": Param(S.sink, enum=["manifest", "none"], title="Labeling sink", section="Output"),
+        "sink": Param(S.sink, enum=["manifest", "label_studio", "none"], title="Labeling sink",
+                      description="manifest: task files in DTM_SINK_URI; label_studio: the label_studio_default connection's project.",
+                      section="Output"),
         "dry_run": Param(False, type="boolean", title="Dry run", description="Mine and report, push nothing.", section="Output"),
     },
 )
@@ -121,9 +123,11 @@ def dtm_mining():
     @task
     def push(_: dict) -> dict:
         from dtm_ops.mining import push as send
+        from dtm_ops.settings import label_studio_config
 
         run, cfg, params, run_id = _run()
-        return send(run, cfg, params["sink"], S.sink_uri, run_id=run_id, dry_run=params["dry_run"])
+        ls = label_studio_config(S.ls_conn_id) if params["sink"] == "label_studio" else None
+        return send(run, cfg, params["sink"], S.sink_uri, run_id=run_id, dry_run=params["dry_run"], label_studio=ls)
 
     @task
     def publish_report(fetched: dict, checked: dict, pushed: dict) -> dict:

@@ -284,12 +284,15 @@ def publish_report(run: RunFolder, cfg: MiningConfig, summary: dict) -> dict:
 
 
 # ------------------------------------------------------------------------ push
-def push(run: RunFolder, cfg: MiningConfig, sink_name: str, sink_uri: str | None, *, run_id: str, dry_run: bool) -> dict:
+def push(
+    run: RunFolder, cfg: MiningConfig, sink_name: str, sink_uri: str | None, *, run_id: str, dry_run: bool, label_studio=None
+) -> dict:
     """Push the validated results to the labeling sink, idempotently.
 
     Each item's key comes from its report and frame; the sink is asked which keys it holds
-    already, and ``push/ledger.json`` records every key pushed or found, so a retried or
-    re-run push sends each item once.
+    already, and ``push/ledger.json`` records every key pushed (updated after every chunk
+    that lands) or found, so a retried or re-run push sends each item once, and a push
+    cut off midway leaves a ledger of what did land.
     """
     from dtm_ops.sinks import item_key, open_sink, to_label_studio_task
     from dtm_ops.store import FeatureStore
@@ -306,11 +309,17 @@ def push(run: RunFolder, cfg: MiningConfig, sink_name: str, sink_uri: str | None
         for h in rows
     ]
     keys = [item_key(h["query_id"], h["frame_id"]) for h in rows]
-    sink = None if dry_run else open_sink(sink_name, sink_uri)
+    sink = None if dry_run else open_sink(sink_name, sink_uri, label_studio)
     if sink is None:
         ledger = {"sink": "none" if dry_run else sink_name, "dry_run": dry_run, "would_push": keys, "pushed": [], "already": []}
     else:
-        result = sink.push(tasks)
-        ledger = {"sink": sink_name, "dry_run": False, "pushed": result.pushed, "already": result.skipped}
+        ledger = {"sink": sink_name, "dry_run": False, "pushed": [], "already": [], "complete": False}
+
+        def landed(chunk: list[str]) -> None:
+            ledger["pushed"] += chunk
+            run.put_json("push/ledger.json", ledger)
+
+        result = sink.push(tasks, on_chunk=landed)
+        ledger.update(pushed=result.pushed, already=result.skipped, complete=True)
     run.put_json("push/ledger.json", ledger)
     return {k: (len(v) if isinstance(v, list) else v) for k, v in ledger.items()}

@@ -17,6 +17,8 @@ Cheap to import (the DAG files read it at parse time). Locations may be folders 
 | DTM_MAX_INDEX_TASKS | 16 | upper bound of mapped indexing tasks |
 | DTM_GPU_POOL / DTM_GPU_QUEUE | gpu / gpu | pool and queue of the GPU tasks |
 | DTM_RETRY_DELAY_S | 30 | seconds between a failed task's tries |
+| DTM_LS_CONN_ID | label_studio_default | Airflow connection of the Label Studio sink (host, token as password, extra: project, frame_urls, chunk_size, min_interval_s) |
+| DTM_LS_URL, DTM_LS_TOKEN, DTM_LS_PROJECT, DTM_LS_FRAME_URLS | | the same, when there is no such connection |
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Settings:
     gpu_queue: str
     aws_conn_id: str
     retry_delay_s: float
+    ls_conn_id: str
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -68,6 +71,7 @@ class Settings:
             gpu_queue=e.get("DTM_GPU_QUEUE", "gpu"),
             aws_conn_id=e.get("DTM_AWS_CONN_ID", "aws_default"),
             retry_delay_s=float(e.get("DTM_RETRY_DELAY_S", "30")),
+            ls_conn_id=e.get("DTM_LS_CONN_ID", "label_studio_default"),
         )
 
 
@@ -84,3 +88,22 @@ def use_airflow_connection(conn_id: str) -> None:
         set_default_s3_config(None)
         return
     set_default_s3_config(S3Config.from_aws_connection(conn.login, conn.password, conn.extra_dejson))
+
+
+def label_studio_config(conn_id: str):
+    """Inside a task: the Label Studio sink's settings from the Airflow connection
+    ``conn_id`` if it exists, else from the environment."""
+    from dtm_ops.sinks.label_studio import LabelStudioConfig
+
+    try:
+        from airflow.sdk import BaseHook
+
+        conn = BaseHook.get_connection(conn_id)
+    except Exception:  # noqa: BLE001 - no such connection: the environment applies
+        return LabelStudioConfig.from_env()
+    host = conn.host or ""
+    if host and not host.startswith(("http://", "https://")):
+        host = f"{conn.schema or 'http'}://{host}"
+    if conn.port:
+        host = f"{host}:{conn.port}"
+    return LabelStudioConfig.from_connection(host, conn.password, conn.extra_dejson)

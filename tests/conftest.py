@@ -117,3 +117,56 @@ def store_uri(request, tmp_path):
     server = request.getfixturevalue("s3_server")
     bucket = request.getfixturevalue("s3_bucket")
     return f"s3://{bucket}/features/v1", server.config()
+
+
+# ----------------------------------------------------------------------------- Label Studio
+class LabelStudioServer:
+    """A real Label Studio on 127.0.0.1 (its own venv; scripts/label-studio.sh)."""
+
+    token = "dtmtesttoken0123456789abcdef0123456789abcd"
+
+    def __init__(self, folder) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.folder = folder
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.start()
+
+    def _script(self, *args, timeout=600):
+        import subprocess
+
+        r = subprocess.run(["bash", str(REPO / "scripts" / "label-studio.sh"), *args], capture_output=True, text=True,
+                           timeout=timeout)
+        if r.returncode != 0:
+            raise RuntimeError(f"label-studio.sh {args[0]} failed:\n{r.stdout}\n{r.stderr}")
+
+    def start(self) -> None:
+        self._script("start", str(self.folder), str(self.port), self.token)
+
+    def stop(self) -> None:
+        self._script("stop", str(self.folder))
+
+    def config(self, **kw):
+        from dtm_ops.sinks.label_studio import LabelStudioConfig
+
+        return LabelStudioConfig(url=self.url, token=self.token, **kw)
+
+    def api(self, method, path, **kw):
+        import requests
+
+        r = requests.request(method, f"{self.url}{path}", headers={"Authorization": f"Token {self.token}"}, timeout=30, **kw)
+        r.raise_for_status()
+        return r.json() if r.content else None
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory):
+    import subprocess
+
+    subprocess.run(["bash", str(REPO / "scripts" / "label-studio.sh"), "install"], check=True, timeout=900)
+    server = LabelStudioServer(tmp_path_factory.mktemp("label-studio"))
+    yield server
+    server.stop()

@@ -84,7 +84,8 @@ def test_index_dag_filled_the_store(world):
     assert store.manifest().frame_count == 25
 
 
-def test_dags_test_mines_reports_in_s3_quarantines_and_survives_a_failed_scan_try(world):
+def _put_report(world) -> None:
+    """One good report and one with a box outside its frame, in the bucket's reports/ prefix."""
     report = [
         {"schema": "dtm-report/1", "report_id": "bicycle-fn", "frame_uri": f"s3://{world['bucket']}/lake/bikes/000220.jpg",
          "error_type": "false_negative", "class": "bicycle", "boxes": [BIKE]},
@@ -93,6 +94,15 @@ def test_dags_test_mines_reports_in_s3_quarantines_and_survives_a_failed_scan_tr
     ]
     world["client"].put_object(Bucket=world["bucket"], Key="reports/day1.jsonl",
                                Body="".join(json.dumps(r) + "\n" for r in report).encode())
+
+
+def _runs(world) -> set[str]:
+    return {k.split("/")[2] for k in _keys(world, "runs/dtm_mining/")}
+
+
+def test_dags_test_mines_reports_in_s3_quarantines_and_survives_a_failed_scan_try(world):
+    _put_report(world)
+    before = _runs(world)
     log = world["home"] / "mining.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([str(BIN / "airflow"), "dags", "test", "dtm_mining", "-c",
@@ -102,7 +112,8 @@ def test_dags_test_mines_reports_in_s3_quarantines_and_survives_a_failed_scan_tr
     saved = _get(world, shard)
     try:
         deadline = time.time() + 600
-        while not any(k.endswith("templates.safetensors") for k in _keys(world, "runs/")):  # templates built
+        while not any(k.endswith("templates.safetensors") for k in _keys(world, "runs/")
+                      if k.split("/")[2] not in before):  # this run's templates are built
             assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
             time.sleep(0.1)
         world["client"].delete_object(Bucket=world["bucket"], Key=shard)
@@ -116,7 +127,7 @@ def test_dags_test_mines_reports_in_s3_quarantines_and_survives_a_failed_scan_tr
     assert "state=success" in text.split("DagRun Finished")[-1].split("\n")[0], text[-2000:]
     assert "up_for_retry" in text
 
-    (run,) = {k.split("/")[2] for k in _keys(world, "runs/dtm_mining/")}
+    (run,) = _runs(world) - before
     base = f"runs/dtm_mining/{run}"
     rows = [json.loads(x) for x in _get(world, f"{base}/results.jsonl").decode().splitlines()]
     assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5] and {r["query_id"] for r in rows} == {"bicycle-fn"}
@@ -220,3 +231,27 @@ def test_real_scheduler_runs_a_form_triggered_mining_run(world):
     assert [r["rank"] for r in rows] == [1, 2, 3] and {r["query_id"] for r in rows} == {"adhoc"}
     ledger = json.loads(_get(world, f"runs/dtm_mining/{run_id}/push/ledger.json"))
     assert ledger["dry_run"] is True and ledger["pushed"] == [] and len(ledger["would_push"]) == 3
+
+
+def test_push_task_imports_into_label_studio_through_its_airflow_connection(world, label_studio):
+    """The mining DAG's push task against the real Label Studio, configured by an Airflow
+    connection (as AIRFLOW_CONN_LABEL_STUDIO_DEFAULT); a second run imports nothing twice."""
+    project = f"dag-{uuid.uuid4().hex[:6]}"
+    conn = {"conn_type": "http", "host": label_studio.url, "password": label_studio.token,
+            "extra": {"project": project, "frame_urls": "presign", "chunk_size": 2}}
+    env = {**world["env"], "AIRFLOW_CONN_LABEL_STUDIO_DEFAULT": json.dumps(conn)}
+    _put_report(world)
+    conf = json.dumps({"report_uri": f"s3://{world['bucket']}/reports/", "top_k": 4, "sink": "label_studio"})
+    first = _airflow(env, "dags", "test", "dtm_mining", "-c", conf)
+    (proj,) = [p for p in label_studio.api("GET", "/api/projects", params={"title": project})["results"] if p["title"] == project]
+    tasks = label_studio.api("GET", "/api/tasks", params={"project": proj["id"], "page_size": 100, "fields": "all"})["tasks"]
+    assert len(tasks) == 4 and all(t["data"]["query_id"] == "bicycle-fn" for t in tasks)
+    assert all(t["predictions"][0]["result"][0]["value"]["rectanglelabels"] == ["bicycle"] for t in tasks)
+    # dags test prints the tasks' logs; any log files count too. The token is in none of them.
+    logs = [p.read_text(errors="replace") for p in (world["home"] / "airflow" / "logs").rglob("*") if p.is_file()]
+    output = first.stdout + first.stderr
+    assert "Label Studio project" in output  # the push task's own log lines are there
+    assert not any(label_studio.token in text for text in [output, *logs])
+    _airflow(env, "dags", "test", "dtm_mining", "-c", conf)
+    again = label_studio.api("GET", "/api/tasks", params={"project": proj["id"], "page_size": 100, "fields": "all"})["tasks"]
+    assert sorted(t["data"]["dtm_key"] for t in again) == sorted(t["data"]["dtm_key"] for t in tasks)

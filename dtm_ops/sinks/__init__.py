@@ -3,13 +3,15 @@
 - ``manifest``: Label Studio import-format JSON tasks in a folder or S3 prefix, one object
   per item key (a rerun overwrites, never duplicates); Label Studio's source storage and
   other tools read them from there.
+- ``label_studio``: tasks imported into a Label Studio project
+  (:mod:`dtm_ops.sinks.label_studio`).
 - ``none``: push nothing (dry runs).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -73,7 +75,8 @@ class Sink(Protocol):
 
     def existing_keys(self, keys: Sequence[str]) -> set[str]: ...
 
-    def push(self, tasks: Sequence[dict]) -> PushResult: ...
+    def push(self, tasks: Sequence[dict], on_chunk: "Callable[[list[str]], None] | None" = None) -> PushResult:
+        """Send the tasks the sink does not hold yet; ``on_chunk`` hears of each batch that landed."""
 
 
 class ManifestSink:
@@ -90,7 +93,7 @@ class ManifestSink:
     def existing_keys(self, keys: Sequence[str]) -> set[str]:
         return {k for k in keys if self.objects.size(f"tasks/{k}.json") is not None}
 
-    def push(self, tasks: Sequence[dict]) -> PushResult:
+    def push(self, tasks: Sequence[dict], on_chunk: Callable[[list[str]], None] | None = None) -> PushResult:
         import json
 
         keys = [t["data"]["dtm_key"] for t in tasks]
@@ -101,15 +104,24 @@ class ManifestSink:
                 continue
             self.objects.put(f"tasks/{k}.json", json.dumps(t, indent=1).encode())
             pushed.append(k)
+            if on_chunk:
+                on_chunk([k])
         return PushResult(pushed=pushed, skipped=sorted(have))
 
 
-def open_sink(name: str, uri: str | None = None) -> Sink | None:
-    """The sink called ``name`` (``manifest``, ``none``)."""
+def open_sink(name: str, uri: str | None = None, label_studio=None) -> Sink | None:
+    """The sink called ``name`` (``manifest``, ``label_studio``, ``none``).
+
+    ``label_studio``: a :class:`~dtm_ops.sinks.label_studio.LabelStudioConfig` (default:
+    from the environment)."""
     if name == "none":
         return None
+    if name == "label_studio":
+        from dtm_ops.sinks.label_studio import LabelStudioConfig, LabelStudioSink
+
+        return LabelStudioSink(label_studio or LabelStudioConfig.from_env())
     if name == "manifest":
         if not uri:
             raise ValueError("the manifest sink needs a location (DTM_SINK_URI)")
         return ManifestSink(uri)
-    raise ValueError(f"unknown labeling sink {name!r}; known: manifest, none")
+    raise ValueError(f"unknown labeling sink {name!r}; known: manifest, label_studio, none")
