@@ -269,7 +269,7 @@ def publish_report(run: RunFolder, cfg: MiningConfig, summary: dict) -> dict:
         r.pop("heatmap", None)
         results[r["query_id"]].append(Hit(**r, rois=rois))
     searcher = _searcher(cfg, store)
-    searcher._attach_heatmaps(store, prepared, results)
+    searcher.attach_heatmaps(store, prepared, results)
     queries: list[Query] = [p.query for p in prepared]
     full = {**summary, "run": run.uri, "hits": len(rows), "queries": len(queries)}
     local = run.local_path()

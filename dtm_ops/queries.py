@@ -9,11 +9,11 @@ query file's folder; ``labels`` and ``mode`` (``any`` / ``all``) are optional.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from dtm_ops.errors import InputError
+from dtm_ops.jsonlines import iter_objects
 from dtm_ops.search import Query
 
 
@@ -32,38 +32,33 @@ def read_queries(path: str | os.PathLike) -> list[Query]:
     base = Path(src).parent
     queries = []
     with open(src, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            rec = f"line {line_no}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"not valid JSON ({exc.msg})", source=src, record=rec) from None
-            if not isinstance(obj, dict):
-                raise InputError("expected a JSON object", source=src, record=rec)
-            for key in ("image", "boxes"):
-                if key not in obj:
-                    raise InputError("missing", source=src, record=rec, field=key)
-            boxes = obj["boxes"]
-            if not isinstance(boxes, list) or not boxes:
-                raise InputError("expected a non-empty list of [x1, y1, x2, y2]", source=src, record=rec, field="boxes")
-            for i, b in enumerate(boxes):
-                if not (isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)):
-                    raise InputError(f"expected [x1, y1, x2, y2], got {b!r}", source=src, record=rec, field=f"boxes[{i}]")
-            labels = obj.get("labels") or []
-            try:
-                queries.append(
-                    Query(
-                        query_id=str(obj.get("id", f"q{line_no}")),
-                        source=_resolve(str(obj["image"]), base),
-                        boxes=[tuple(float(v) for v in b) for b in boxes],
-                        labels=list(labels),
-                        mode=obj.get("mode", "any"),
-                    )
+        text = f.read()
+    for line_no, obj, problem, _ in iter_objects(text):
+        rec = f"line {line_no}"
+        if obj is None:
+            raise InputError(problem, source=src, record=rec)
+        for key in ("image", "boxes"):
+            if key not in obj:
+                raise InputError("missing", source=src, record=rec, field=key)
+        boxes = obj["boxes"]
+        if not isinstance(boxes, list) or not boxes:
+            raise InputError("expected a non-empty list of [x1, y1, x2, y2]", source=src, record=rec, field="boxes")
+        for i, b in enumerate(boxes):
+            if not (isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)):
+                raise InputError(f"expected [x1, y1, x2, y2], got {b!r}", source=src, record=rec, field=f"boxes[{i}]")
+        labels = obj.get("labels") or []
+        try:
+            queries.append(
+                Query(
+                    query_id=str(obj.get("id", f"q{line_no}")),
+                    source=_resolve(str(obj["image"]), base),
+                    boxes=[tuple(float(v) for v in b) for b in boxes],
+                    labels=list(labels),
+                    mode=obj.get("mode", "any"),
                 )
-            except InputError as exc:
-                raise InputError(exc.reason, source=src, record=rec, field=exc.field) from None
+            )
+        except InputError as exc:
+            raise InputError(exc.reason, source=src, record=rec, field=exc.field) from None
     if not queries:
         raise InputError("query file holds no queries", source=src)
     return queries

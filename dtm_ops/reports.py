@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 
 SCHEMA = "dtm-report/1"
@@ -80,18 +79,13 @@ class Quarantined:
 
 def parse_lines(text: str, source: str) -> tuple[list[Report], list[Quarantined]]:
     """Parse a report file's lines; lines that are not JSON objects are quarantined here."""
+    from dtm_ops.jsonlines import iter_objects
+
     reports, bad = [], []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, obj, problem, line in iter_objects(text):
         origin = f"{source}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            bad.append(Quarantined(origin, line[:500], [f"not valid JSON ({exc.msg})"]))
-            continue
-        if not isinstance(obj, dict):
-            bad.append(Quarantined(origin, obj, ["not a JSON object"]))
+        if obj is None:
+            bad.append(Quarantined(origin, line[:500], [problem]))
             continue
         if obj.get("schema", SCHEMA) != SCHEMA:
             bad.append(Quarantined(origin, obj, [f"field 'schema': unknown schema {obj.get('schema')!r} (expected {SCHEMA})"]))

@@ -228,7 +228,7 @@ class Searcher:
                 hit.rank = rank
             results[p.query.query_id] = hits
         if heatmaps:
-            self._attach_heatmaps(store, prepared, results)
+            self.attach_heatmaps(store, prepared, results)
         return results
 
     def scan(
@@ -343,7 +343,7 @@ class Searcher:
         )
 
     # ------------------------------------------------------------ heat maps
-    def _attach_heatmaps(self, store: FeatureStore, prepared, results: dict[str, list[Hit]]) -> None:
+    def attach_heatmaps(self, store: FeatureStore, prepared, results: dict[str, list[Hit]]) -> None:
         """Recompute similarity maps for the hits only, as calibrated heat per frame cell."""
         from dtm_ops.heatmap import cell_heat
 

@@ -78,6 +78,16 @@ class S3Server:
         self.config().client().create_bucket(Bucket=name)
         return name
 
+    def upload_frames(self, bucket: str, prefix: str, frames: dict, indices) -> None:
+        """Frames ``{index: PIL image}`` as ``<prefix>/<index:06d>.jpg`` JPEGs in ``bucket``."""
+        import io
+
+        client = self.config().client()
+        for idx in indices:
+            buf = io.BytesIO()
+            frames[idx].save(buf, format="JPEG", quality=95)
+            client.put_object(Bucket=bucket, Key=f"{prefix}/{idx:06d}.jpg", Body=buf.getvalue())
+
     def stop(self) -> None:
         import subprocess
 

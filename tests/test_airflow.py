@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -41,10 +40,7 @@ def world(tmp_path_factory, s3_server, bikes_frames):
     home = tmp_path_factory.mktemp("airflow-e2e")
     bucket = s3_server.bucket(f"e2e-{uuid.uuid4().hex[:8]}")
     client = s3_server.config().client()
-    for idx in range(0, 250, 10):
-        buf = io.BytesIO()
-        bikes_frames[idx].save(buf, format="JPEG", quality=95)
-        client.put_object(Bucket=bucket, Key=f"lake/bikes/{idx:06d}.jpg", Body=buf.getvalue())
+    s3_server.upload_frames(bucket, "lake/bikes", bikes_frames, range(0, 250, 10))
     env = {
         **os.environ, **s3_server.env,
         "PATH": f"{BIN}:{os.environ['PATH']}",

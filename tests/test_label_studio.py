@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import uuid
 from dataclasses import replace
 
@@ -18,11 +17,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def frames_bucket(s3_server, bikes_frames):
     bucket = s3_server.bucket(f"ls-frames-{uuid.uuid4().hex[:6]}")
-    client = s3_server.config().client()
-    for idx in range(0, 250, 5):
-        buf = io.BytesIO()
-        bikes_frames[idx].save(buf, format="JPEG", quality=90)
-        client.put_object(Bucket=bucket, Key=f"bikes/{idx:06d}.jpg", Body=buf.getvalue())
+    s3_server.upload_frames(bucket, "bikes", bikes_frames, range(0, 250, 5))
     return bucket
 
 

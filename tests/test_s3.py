@@ -3,7 +3,6 @@ S3, searching a store in S3, the server going away mid-read, and bad credentials
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -23,18 +22,10 @@ from tests.test_store import FP, _frames
 DTM = str(Path(sys.executable).parent / "dtm")
 
 
-def _upload_frames(server: S3Server, bucket: str, frames: dict, indices) -> None:
-    client = server.config().client()
-    for idx in indices:
-        buf = io.BytesIO()
-        frames[idx].save(buf, format="JPEG", quality=95)
-        client.put_object(Bucket=bucket, Key=f"frames/bikes/{idx:06d}.jpg", Body=buf.getvalue())
-
-
 @pytest.mark.slow
 def test_cli_indexes_frames_in_s3_and_search_equals_a_local_store(s3_server, s3_bucket, bikes_frames, tmp_path):
     indices = list(range(0, 250, 25)) + [220]
-    _upload_frames(s3_server, s3_bucket, bikes_frames, indices)
+    s3_server.upload_frames(s3_bucket, "frames/bikes", bikes_frames, indices)
     env = {**os.environ, **s3_server.env}
     feats = f"s3://{s3_bucket}/features"
     r = subprocess.run([DTM, "extract", f"s3://{s3_bucket}/frames/", "--features", feats, "--no-progress"],
