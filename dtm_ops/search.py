@@ -28,6 +28,9 @@ from dtm_ops.topk import TopK
 
 Mode = Literal["any", "all"]
 
+#: Calibration reads frames from at most this many shards (evenly spaced over the store).
+CALIBRATION_SHARDS = 8
+
 
 @dataclass
 class Query:
@@ -205,13 +208,18 @@ class Searcher:
         return prepared
 
     def _sample_batches(self, store: FeatureStore) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Calibration frames: evenly from at most ``CALIBRATION_SHARDS`` evenly spaced
+        shards, so the cost is bounded however large the lake (never a full read)."""
         shards = store.manifest().shards
-        total = sum(len(s.frames) for s in shards)
-        step = max(1, total // max(1, self.calibration_frames))
-        offset = 0
-        for entry, feats, valid in store.iter_shards(shards):
-            rows = [i for i in range(len(entry.frames)) if (offset + i) % step == 0]
-            offset += len(entry.frames)
+        if not shards:
+            return
+        n = min(len(shards), CALIBRATION_SHARDS)
+        picked = [shards[round(i * (len(shards) - 1) / max(1, n - 1))] for i in range(n)] if n > 1 else shards[:1]
+        picked = list(dict.fromkeys(picked))  # distinct, in order
+        per_shard = -(-self.calibration_frames // len(picked))
+        for entry, feats, valid in store.iter_shards(picked):
+            count, k = len(entry.frames), min(per_shard, len(entry.frames))
+            rows = sorted({round(i * (count - 1) / max(1, k - 1)) for i in range(k)})  # k evenly spaced
             for start in range(0, len(rows), self.batch_frames):
                 sel = rows[start : start + self.batch_frames]
                 yield feats[sel].float(), valid[sel]

@@ -139,3 +139,28 @@ def test_torchvision_backbone_loads_a_local_state_dict(tmp_path):
     x = torch.rand(1, 3, 64, 96) * 255
     with torch.inference_mode():
         assert m(m.normalize(x)).shape == (1, 256, 4, 6)
+
+
+def test_calibration_reads_a_bounded_number_of_shards(tmp_path, random_extractor):
+    """Preparing queries samples calibration frames from at most CALIBRATION_SHARDS shards,
+    however many the store holds (it must never read the whole lake)."""
+    import torch
+
+    from dtm_ops.search import CALIBRATION_SHARDS
+    from dtm_ops.store.format import FrameEntry
+
+    store = FeatureStore.open(tmp_path / "features")
+    g = torch.Generator().manual_seed(0)
+    for s in range(20):
+        entries = [FrameEntry(f"s{s}f{i}", f"/x/{s}-{i}.jpg", "seq", s * 10 + i, 96, 64, (4, 6), 1.0) for i in range(2)]
+        feats = [torch.nn.functional.normalize(torch.randn(random_extractor.channels, 4, 6, generator=g), dim=0) for _ in entries]
+        store.append(random_extractor.fingerprint, entries, feats)
+    read: list[str] = []
+    get = store.objects.get
+    store.objects.get = lambda key, byte_range=None: (read.append(key), get(key, byte_range))[1]
+    image = tmp_path / "q.jpg"
+    Image.new("RGB", (96, 64), (90, 30, 200)).save(image)
+    prepared = Searcher(random_extractor, calibration_frames=64).prepare([Query("q", str(image), [(10, 10, 50, 40)])], store)
+    shards_read = {k for k in read if k.startswith("shards/")}
+    assert 1 <= len(shards_read) <= CALIBRATION_SHARDS < 20
+    assert all(t.sigma > 0 and t.mu != 0.0 for t in prepared[0].templates)  # calibrated from those frames
