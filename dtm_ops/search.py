@@ -208,18 +208,24 @@ class Searcher:
         return prepared
 
     def _sample_batches(self, store: FeatureStore) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Calibration frames: evenly from at most ``CALIBRATION_SHARDS`` evenly spaced
-        shards, so the cost is bounded however large the lake (never a full read)."""
+        """Calibration frames, read from at most ``CALIBRATION_SHARDS`` shards (the cost is
+        bounded however large the lake). The shards are those at evenly spaced points of the
+        lake's frame order, and the frames are spread evenly over them, so each contributes
+        in proportion to its size: the sample keeps the lake's mix of scenes."""
         shards = store.manifest().shards
-        if not shards:
+        total = sum(len(s.frames) for s in shards)
+        if total == 0:
             return
-        n = min(len(shards), CALIBRATION_SHARDS)
-        picked = [shards[round(i * (len(shards) - 1) / max(1, n - 1))] for i in range(n)] if n > 1 else shards[:1]
-        picked = list(dict.fromkeys(picked))  # distinct, in order
-        per_shard = -(-self.calibration_frames // len(picked))
-        for entry, feats, valid in store.iter_shards(picked):
-            count, k = len(entry.frames), min(per_shard, len(entry.frames))
-            rows = sorted({round(i * (count - 1) / max(1, k - 1)) for i in range(k)})  # k evenly spaced
+        starts = [sum(len(s.frames) for s in shards[:i]) for i in range(len(shards))]
+        points = [(j + 0.5) * total / CALIBRATION_SHARDS for j in range(CALIBRATION_SHARDS)]
+        picked = sorted({max(i for i, st in enumerate(starts) if st <= p) for p in points})
+        pool = sum(len(shards[i].frames) for i in picked)
+        n = min(self.calibration_frames, pool)
+        wanted = {int((j + 0.5) * pool / n) for j in range(n)}  # evenly over the picked shards' frames
+        offset = 0
+        for entry, feats, valid in store.iter_shards([shards[i] for i in picked]):
+            rows = [r for r in range(len(entry.frames)) if offset + r in wanted]
+            offset += len(entry.frames)
             for start in range(0, len(rows), self.batch_frames):
                 sel = rows[start : start + self.batch_frames]
                 yield feats[sel].float(), valid[sel]
