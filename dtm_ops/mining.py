@@ -149,9 +149,11 @@ def _searcher(cfg: MiningConfig, store):
     from dtm_ops.templates import DEFAULT_SCALES
 
     extractor = extractor_for_store(store, device=cfg.device)
-    # Keep every frame: near-duplicates are suppressed at merge, across all shards.
+    # The failure frame itself and its neighbours are not new data: frames of the query's own
+    # sequence within dedupe_window are skipped here; near-duplicates among the hits are
+    # suppressed at merge, across all shards (hence the wider per-shard top-k).
     return Searcher(extractor, scales=cfg.scales or DEFAULT_SCALES, margin=cfg.margin, top_k=cfg.top_k * 3,
-                    exclude_window=-1)
+                    exclude_window=cfg.dedupe_window)
 
 
 def build_templates(run: RunFolder, cfg: MiningConfig) -> dict:

@@ -60,7 +60,7 @@ def test_mining_dag_maps_the_scan_on_the_gpu_pool_and_has_the_form(tmp_path):
     dag = _probe(DAGS / "dtm_mining.py", tmp_path)["dags"][0]
     scan = dag["tasks"]["scan"]
     assert scan["mapped"] and scan["pool"] == "gpu" and scan["queue"] == "gpu" and scan["retries"] >= 1
-    assert {"report_uri", "frame_uri", "boxes", "class_name", "top_k", "min_score", "scales", "mode", "sink", "dry_run"} <= set(dag["params"])
+    assert {"report_uri", "frame_uri", "boxes", "class_name", "top_k", "min_score", "scales", "mode", "dedupe_window", "sink", "dry_run"} <= set(dag["params"])
     order = ["fetch_reports", "validate_reports", "build_templates", "plan_scan", "scan", "merge", "validate_results", "push", "publish_report"]
     assert set(order) == set(dag["tasks"])
 

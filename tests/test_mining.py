@@ -73,6 +73,8 @@ def test_mixed_report_quarantines_bad_records_with_reasons_and_mines_the_rest(la
     _mine(run, cfg, 3)
     rows = run.get_lines("results.jsonl")
     assert {r["query_id"] for r in rows} == {"good"} and [r["rank"] for r in rows] == [1, 2, 3, 4, 5]
+    # The failure frame (216) and its neighbours are not mined back as new data.
+    assert all(abs(r["index"] - 216) > cfg.dedupe_window for r in rows)
 
 
 def test_a_report_file_that_is_all_bad_fails_the_run(lake, tmp_path):
