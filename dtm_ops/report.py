@@ -57,8 +57,8 @@ def write_results(
                 boxes=[m.box for m in h.rois],
                 label=f"#{h.rank} {h.score:.1f}",
             )
-            rel = f"heatmaps/{safe_name(h.query_id)}/{h.rank:04d}.jpg"
-            _save_jpeg(img, out / rel)
+            rel = f"heatmaps/{safe_name(h.query_id)}/{h.rank:04d}.png"
+            _save_png(img, out / rel)
             paths[(h.query_id, h.rank)] = rel
     for q in queries:
         for h in results.get(q.query_id, []):
@@ -69,19 +69,20 @@ def write_results(
     query_imgs = {}
     for q in queries:
         img = overlay(open_image(q.source, record=q.query_id), None, stride=stride, scale=1.0, boxes=q.boxes)
-        rel = f"queries/{safe_name(q.query_id)}.jpg"
-        _save_jpeg(img, out / rel)
+        rel = f"queries/{safe_name(q.query_id)}.png"
+        _save_png(img, out / rel)
         query_imgs[q.query_id] = rel
     sheet = out / "index.html"
     atomic_write(sheet, _html(title, queries, results, paths, query_imgs).encode())
     return sheet
 
 
-def _save_jpeg(img, path: Path) -> None:
+def _save_png(img, path: Path) -> None:
+    """Lossless, so boxes and heat stay sharp."""
     import io
 
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=88)
+    img.save(buf, format="PNG", optimize=False, compress_level=6)
     atomic_write(path, buf.getvalue())
 
 

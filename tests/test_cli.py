@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from dtm_ops.boxes import box_iou
 
@@ -65,7 +66,8 @@ def test_extract_then_search_writes_results_heatmaps_and_sheet(lake, features):
     assert box_iou(rows[0]["box"], (268, 10, 535, 212)) >= 0.7
     for row in rows:
         assert {"query_id", "frame_id", "rank", "score", "box", "scale"} <= set(row)
-        assert (out / row["heatmap"]).is_file()
+        with Image.open(out / row["heatmap"]) as overlay:  # the heat map over the whole frame, as PNG
+            assert overlay.format == "PNG" and overlay.size == (640, 272)
     sheet = (out / "index.html").read_text()
     assert sheet.count("<figure>") == 5 and "bicycle" in sheet
 
