@@ -11,8 +11,6 @@ Settings: see `dtm_ops/settings.py` (`DTM_FRAMES_URI`, `DTM_FEATURES_URI`, ...).
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
-
 from airflow.sdk import Asset, Param, dag, task
 
 from dtm_ops.settings import Settings, asset_uri
@@ -24,12 +22,8 @@ FEATURES = Asset(name="dtm_features", uri=asset_uri(S.features_uri))
 @dag(
     dag_id="dtm_feature_index",
     schedule="@daily",
-    start_date=datetime(2026, 1, 1),
-    catchup=False,
     max_active_runs=1,
-    tags=["dtm", "indexing"],
-    doc_md=__doc__,
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=S.retry_delay_s)},
+    **S.dag_defaults("indexing", __doc__),
     params={
         "frames_uri": Param(S.frames_uri, type="string", title="Frames", description="Folder or s3:// prefix of frame images to index."),
         "batch_frames": Param(64, type="integer", minimum=1, title="Frames per task", description="Frames one mapped task indexes (more when the task cap is reached)."),

@@ -16,8 +16,6 @@ form for a report file or an ad-hoc query. Settings: `dtm_ops/settings.py`.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
-
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
 
 from dtm_ops.settings import Settings, asset_uri
@@ -42,12 +40,8 @@ def _run():
 @dag(
     dag_id="dtm_mining",
     schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 3 * * *", timezone="UTC"), assets=REPORTS),
-    start_date=datetime(2026, 1, 1),
-    catchup=False,
     max_active_runs=2,
-    tags=["dtm", "mining"],
-    doc_md=__doc__,
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=S.retry_delay_s)},
+    **S.dag_defaults("mining", __doc__),
     params={
         "report_uri": Param(S.reports_uri, type=["null", "string"], title="Report file or prefix",
                             description="A *.jsonl report file, or a folder / s3:// prefix of them. Empty for an ad-hoc query only.",

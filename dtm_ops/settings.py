@@ -53,6 +53,18 @@ class Settings:
     retry_delay_s: float
     ls_conn_id: str
 
+    def dag_defaults(self, role: str, doc: str | None) -> dict:
+        """What every dtm DAG shares: start date, no catch-up, tags, docs and the retry policy."""
+        from datetime import datetime, timedelta
+
+        return {
+            "start_date": datetime(2026, 1, 1),
+            "catchup": False,
+            "tags": ["dtm", role],
+            "doc_md": doc,
+            "default_args": {"retries": 2, "retry_delay": timedelta(seconds=self.retry_delay_s)},
+        }
+
     @classmethod
     def from_env(cls) -> "Settings":
         e = os.environ

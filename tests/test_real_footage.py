@@ -60,7 +60,10 @@ def _agreed_person_boxes() -> dict[int, list[tuple[float, float, float, float]]]
     return out
 
 
-@pytest.mark.skipif(not os.path.isfile(VTEST), reason="Debian's opencv-doc (vtest.avi) is not installed; scripts/setup.sh installs it")
+@pytest.mark.skipif(
+    not os.path.isfile(VTEST) and not os.environ.get("CI"),
+    reason="Debian's opencv-doc (vtest.avi) is not installed here; scripts/setup.sh installs it as root. In CI it must run.",
+)
 def test_small_person_is_found_and_localised_in_other_frames(tmp_path, extractor):
     """Query: a pedestrian covering 0.56% of the frame. Hits (away from the query frame)
     land on people: their best-match boxes overlap a person box from two independent
