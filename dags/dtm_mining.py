@@ -132,8 +132,8 @@ def dtm_mining():
 
         from dtm_ops.mining import publish_report as publish
 
-        run, cfg, _, _ = _run()
-        out = publish(run, cfg, {"fetched": fetched, "validation": checked, "push": pushed})
+        run, cfg, _, run_id = _run()
+        out = publish(run, cfg, {"run_id": run_id, "fetched": fetched, "validation": checked, "push": pushed})
         logging.getLogger(__name__).info("run report: %s", out["report"])
         return out
 

@@ -322,6 +322,6 @@ def push(
             run.put_json("push/ledger.json", ledger)
 
         result = sink.push(tasks, on_chunk=landed)
-        ledger.update(pushed=result.pushed, already=result.skipped, complete=True)
+        ledger.update(pushed=result.pushed, already=result.skipped, links=result.links, complete=True)
     run.put_json("push/ledger.json", ledger)
-    return {k: (len(v) if isinstance(v, list) else v) for k, v in ledger.items()}
+    return {k: (len(v) if isinstance(v, (list, dict)) else v) for k, v in ledger.items()}

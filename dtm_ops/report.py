@@ -13,7 +13,8 @@ from dtm_ops.media import FrameRef, load_frames, open_image
 from dtm_ops.search import Hit, Query
 from dtm_ops.fileio import atomic_write
 
-THUMB_WIDTH = 360
+THUMB_WIDTH = 360  # hit thumbnails (JPEG), made once per run for the results view
+QUERY_THUMB_WIDTH = 720
 
 
 def safe_name(text: str) -> str:
@@ -47,6 +48,7 @@ def write_results(
         key=lambda r: (r.source.split("#")[0], r.index),
     )
     paths: dict[tuple[str, int], str] = {}
+    sizes: dict[tuple[str, int], list[int]] = {}  # (width, height) of each hit's frame
     for ref, image in load_frames(refs):
         for h in by_frame[ref.frame_id]:
             img = overlay(
@@ -59,11 +61,15 @@ def write_results(
             )
             rel = f"heatmaps/{safe_name(h.query_id)}/{h.rank:04d}.png"
             _save_png(img, out / rel)
+            _save_thumb(img, out / thumb_of(rel), THUMB_WIDTH)
             paths[(h.query_id, h.rank)] = rel
+            sizes[(h.query_id, h.rank)] = list(image.size)
     for q in queries:
         for h in results.get(q.query_id, []):
             rec = h.to_record()
             rec["heatmap"] = paths.get((h.query_id, h.rank))
+            rec["thumb"] = thumb_of(rec["heatmap"]) if rec["heatmap"] else None
+            rec["frame_size"] = sizes.get((h.query_id, h.rank))
             records.append(rec)
     atomic_write(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
     query_imgs = {}
@@ -71,6 +77,7 @@ def write_results(
         img = overlay(open_image(q.source, record=q.query_id), None, stride=stride, scale=1.0, boxes=q.boxes)
         rel = f"queries/{safe_name(q.query_id)}.png"
         _save_png(img, out / rel)
+        _save_thumb(img, out / thumb_of(rel), QUERY_THUMB_WIDTH)
         query_imgs[q.query_id] = rel
     sheet = out / "index.html"
     atomic_write(sheet, _html(title, queries, results, paths, query_imgs).encode())
@@ -83,6 +90,23 @@ def _save_png(img, path: Path) -> None:
 
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=False, compress_level=6)
+    atomic_write(path, buf.getvalue())
+
+
+def thumb_of(rel: str) -> str:
+    """The thumbnail of a rendered image: ``heatmaps/q/0001.png`` -> ``thumbs/heatmaps/q/0001.jpg``."""
+    return "thumbs/" + rel.rsplit(".", 1)[0] + ".jpg"
+
+
+def _save_thumb(img, path: Path, width: int) -> None:
+    """A JPEG no wider than ``width`` (the aspect ratio kept)."""
+    import io
+
+    thumb = img.convert("RGB")
+    if thumb.width > width:
+        thumb = thumb.resize((width, max(1, round(thumb.height * width / thumb.width))), resample=3)  # bicubic
+    buf = io.BytesIO()
+    thumb.save(buf, format="JPEG", quality=85)
     atomic_write(path, buf.getvalue())
 
 

@@ -67,6 +67,8 @@ def test_push_and_read_back_boxes_in_pixels(label_studio, s3_server, frames_buck
         idx = int(server["data"]["frame_id"].split("/")[1])
         assert box == pytest.approx([10.5 + idx, 20.25, 200.0 + idx, 250.75], abs=1e-6)
         assert v["rectanglelabels"] == ["bicycle"]
+        # the push links each item to its task on the server
+        assert result.links[t["data"]["dtm_key"]] == f"{label_studio.url}/projects/{sink.project_id()}/data?task={server['id']}"
 
 
 def test_the_same_batch_again_and_an_overlapping_one_create_no_duplicates(label_studio, s3_server, frames_bucket):

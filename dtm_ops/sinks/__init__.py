@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -68,6 +68,7 @@ def to_label_studio_task(hit: dict, *, run_id: str, model_version: str, width: i
 class PushResult:
     pushed: list[str]  # keys sent now
     skipped: list[str]  # keys already there (a rerun)
+    links: dict[str, str] = field(default_factory=dict)  # key -> where the item is in the labeling queue
 
 
 class Sink(Protocol):
@@ -106,7 +107,7 @@ class ManifestSink:
             pushed.append(k)
             if on_chunk:
                 on_chunk([k])
-        return PushResult(pushed=pushed, skipped=sorted(have))
+        return PushResult(pushed=pushed, skipped=sorted(have), links={k: f"{self.uri}/tasks/{k}.json" for k in keys})
 
 
 def open_sink(name: str, uri: str | None = None, label_studio=None) -> Sink | None:

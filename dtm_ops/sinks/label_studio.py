@@ -146,9 +146,13 @@ class LabelStudioSink:
         return self._project
 
     def existing_keys(self, keys: Sequence[str] = ()) -> set[str]:
-        """``dtm_key`` of every task in the project (paged)."""
+        """``dtm_key`` of every task in the project."""
+        return set(self._task_ids())
+
+    def _task_ids(self) -> dict[str, int]:
+        """Task id by ``dtm_key``, for every task in the project (paged)."""
         pid = self.project_id()
-        have: set[str] = set()
+        have: dict[str, int] = {}
         page = 1
         while True:
             try:
@@ -158,7 +162,7 @@ class LabelStudioSink:
                     break
                 raise
             tasks = j.get("tasks", []) if isinstance(j, dict) else j
-            have |= {t["data"].get("dtm_key") for t in tasks if t.get("data", {}).get("dtm_key")}
+            have |= {t["data"]["dtm_key"]: int(t["id"]) for t in tasks if t.get("data", {}).get("dtm_key")}
             if len(tasks) < 1000:
                 break
             page += 1
@@ -207,7 +211,7 @@ class LabelStudioSink:
     def push(self, tasks: Sequence[dict], on_chunk: Callable[[list[str]], None] | None = None) -> PushResult:
         labels = {r["value"]["rectanglelabels"][0] for t in tasks for p in t.get("predictions", []) for r in p["result"]}
         pid = self.project_id(sorted(labels))
-        have = self.existing_keys()
+        have = self._task_ids()
         todo = self.resolve([t for t in tasks if t["data"]["dtm_key"] not in have])
         pushed: list[str] = []
         last = 0.0
@@ -223,7 +227,10 @@ class LabelStudioSink:
             log.info("Label Studio project %s: imported %d tasks (%d/%d)", pid, len(chunk), len(pushed), len(todo))
             if on_chunk:
                 on_chunk(keys)
-        return PushResult(pushed=pushed, skipped=sorted(have & {t["data"]["dtm_key"] for t in tasks}))
+        keys = {t["data"]["dtm_key"] for t in tasks}
+        ids = self._task_ids() if pushed else have  # the new tasks' ids, read back
+        links = {k: f"{self.url}/projects/{pid}/data?task={i}" for k, i in ids.items() if k in keys}
+        return PushResult(pushed=pushed, skipped=sorted(set(have) & keys), links=links)
 
 
 def _config_labels(config: str) -> list[str]:

@@ -31,6 +31,20 @@ class AlreadyExists(FeatureStoreError):
     """An exclusive put found the key taken."""
 
 
+class BadKey(FeatureStoreError):
+    """A key that could name something outside the store's root."""
+
+
+def check_key(key: str) -> str:
+    """``key`` if it stays inside the store's root: relative, ``/``-separated, with no empty,
+    ``.`` or ``..`` segment and no backslash or NUL (keys may come from a web request).
+    ``""`` and a trailing ``/`` are allowed: they are prefixes for :meth:`list`."""
+    parts = key.removesuffix("/").split("/") if key else []
+    if "\\" in key or "\x00" in key or any(p in ("", ".", "..") for p in parts):
+        raise BadKey(f"bad object key {key!r}: keys are relative, with no '.', '..' or empty segments")
+    return key
+
+
 class ObjectStore(Protocol):
     uri: str
 
@@ -79,7 +93,7 @@ class LocalObjectStore:
         self.uri = str(self.root)
 
     def _path(self, key: str) -> Path:
-        return self.root / key
+        return self.root / check_key(key)
 
     def get(self, key: str, byte_range: tuple[int, int] | None = None) -> bytes:
         path = self._path(key)
@@ -209,6 +223,7 @@ class S3ObjectStore:
         return self._client
 
     def _key(self, key: str) -> str:
+        check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _fail(self, key: str, exc: Exception, what: str) -> FeatureStoreError:
