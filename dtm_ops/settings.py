@@ -87,15 +87,22 @@ class Settings:
         )
 
 
-def use_airflow_connection(conn_id: str) -> None:
-    """Inside a task: take S3 settings from the Airflow connection ``conn_id`` if it exists
-    (the environment is used otherwise). Secrets are never logged."""
+def use_airflow_connection(conn_id: str, *, server: bool = False) -> None:
+    """Take S3 settings from the Airflow connection ``conn_id`` if it exists (the
+    environment is used otherwise). Inside a task by default; ``server=True`` in Airflow's
+    own processes (the API server's results view), which read connections directly.
+    Secrets are never logged."""
     from dtm_ops.store.objects import S3Config, set_default_s3_config
 
     try:
-        from airflow.sdk import BaseHook
+        if server:
+            from airflow.models.connection import Connection
 
-        conn = BaseHook.get_connection(conn_id)
+            conn = Connection.get_connection_from_secrets(conn_id)
+        else:
+            from airflow.sdk import BaseHook
+
+            conn = BaseHook.get_connection(conn_id)
     except Exception:  # noqa: BLE001 - no such connection: the environment applies
         set_default_s3_config(None)
         return

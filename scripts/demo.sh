@@ -10,6 +10,7 @@ export PATH="$ROOT/.venv/bin:$PATH"
 export DTM_HOME=$OUT
 export AIRFLOW_HOME=$OUT/airflow
 export AIRFLOW__CORE__DAGS_FOLDER=$ROOT/dags
+export AIRFLOW__CORE__PLUGINS_FOLDER=$ROOT/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES=False
 export AIRFLOW__CORE__UNIT_TEST_MODE=False
 export GX_ANALYTICS_ENABLED=false
@@ -35,3 +36,6 @@ echo "demo: quarantined reports: $(wc -l < "$run/reports/quarantine.jsonl") (see
 echo "demo: results: $run/results.jsonl ($(wc -l < "$run/results.jsonl") hits)"
 echo "demo: labeling tasks: $OUT/labeling/tasks/ ($(ls "$OUT/labeling/tasks" | wc -l) tasks)"
 echo "demo: run report: $report"
+echo "demo: in the Airflow UI (airflow standalone, see README), the run's \"Mining results\" tab:"
+run_id=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['run_id'])" "$run/report/summary.json")
+echo "      http://localhost:8080/dtm/runs/dtm_mining/$run_id"

@@ -129,6 +129,43 @@ def store_uri(request, tmp_path):
     return f"s3://{bucket}/features/v1", server.config()
 
 
+# ----------------------------------------------------------------------------- Airflow
+@pytest.fixture(scope="session")
+def world(tmp_path_factory, s3_server, bikes_frames):
+    """A bucket with 25 frames of bikes.mp4, indexed by the dtm_feature_index DAG, and Airflow
+    (SQLite) pointed at it: the Airflow tests share it."""
+    import os
+    import uuid
+
+    from tests.airflow_server import BIN, airflow_cli
+
+    home = tmp_path_factory.mktemp("airflow-e2e")
+    bucket = s3_server.bucket(f"e2e-{uuid.uuid4().hex[:8]}")
+    client = s3_server.config().client()
+    s3_server.upload_frames(bucket, "lake/bikes", bikes_frames, range(0, 250, 10))
+    env = {
+        **os.environ, **s3_server.env,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "AIRFLOW_HOME": str(home / "airflow"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "GX_ANALYTICS_ENABLED": "false",
+        "DTM_HOME": str(home),
+        "DTM_FRAMES_URI": f"s3://{bucket}/lake",
+        "DTM_FEATURES_URI": f"s3://{bucket}/features",
+        "DTM_REPORTS_URI": f"s3://{bucket}/reports",
+        "DTM_RUNS_URI": f"s3://{bucket}/runs",
+        "DTM_SINK_URI": f"s3://{bucket}/labeling",
+        "DTM_RETRY_DELAY_S": "2",
+        "DTM_MAX_SCAN_TASKS": "3",
+    }
+    airflow_cli(env, "db", "migrate")
+    airflow_cli(env, "pools", "set", "gpu", "2", "GPU workers")
+    airflow_cli(env, "dags", "test", "dtm_feature_index")
+    return {"env": env, "bucket": bucket, "client": client, "home": home, "server": s3_server}
+
+
 # ----------------------------------------------------------------------------- Label Studio
 class LabelStudioServer:
     """A real Label Studio on 127.0.0.1 (its own venv; scripts/label-studio.sh)."""

@@ -68,3 +68,31 @@ def test_mining_dag_maps_the_scan_on_the_gpu_pool_and_has_the_form(tmp_path):
 def test_index_dag_maps_batches_on_the_gpu_pool(tmp_path):
     dag = _probe(DAGS / "dtm_feature_index.py", tmp_path)["dags"][0]
     assert dag["tasks"]["index_batch"]["mapped"] and dag["tasks"]["index_batch"]["pool"] == "gpu"
+
+
+PLUGIN_PROBE = r"""
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("dtm_results", sys.argv[1])
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+heavy = json.loads(sys.argv[2]) + ["fastapi", "airflow.api_fastapi.core_api.security"]
+out = {"heavy_before": sorted(m for m in heavy if m in sys.modules)}
+apps = mod.DtmResultsPlugin.fastapi_apps  # what the API server reads: builds the app now
+out["apps"] = [(a["url_prefix"], type(a["app"]).__name__) for a in apps]
+out["views"] = sorted((v["destination"], v["href"]) for v in mod.DtmResultsPlugin.external_views)
+print(json.dumps(out))
+"""
+
+
+def test_plugin_loads_without_web_or_heavy_imports_until_the_api_server_asks(tmp_path):
+    """Schedulers and workers load plugins too: the results view's app is built only when
+    the API server reads ``fastapi_apps``."""
+    env = {"AIRFLOW_HOME": str(tmp_path / "airflow"), "PATH": str(Path(sys.executable).parent), "DTM_HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", PLUGIN_PROBE, str(DAGS.parent / "plugins" / "dtm_results.py"), json.dumps(HEAVY)],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["heavy_before"] == []
+    assert out["apps"] == [["/dtm", "FastAPI"]]
+    assert out["views"] == [["dag_run", "dtm/runs/{DAG_ID}/{RUN_ID}"],
+                            ["task_instance", "dtm/runs/{DAG_ID}/{RUN_ID}/tasks/{TASK_ID}/{MAP_INDEX}"]]
