@@ -65,10 +65,17 @@ def position_mask(valid: torch.Tensor, grid: tuple[int, int], template: tuple[in
     return ok_r[:, :, None] & ok_c[:, None, :]
 
 
+#: Bound on the intermediate products of one call (the cell-by-cell similarities and their
+#: padded copy): more templates than fit are matched in chunks, more frames in halves.
+MAX_PRODUCT_BYTES = 512 << 20
+
+
 def patchwise_cosine(
     features: torch.Tensor,
     templates: Sequence[torch.Tensor],
     valid: torch.Tensor | None = None,
+    *,
+    max_bytes: int = MAX_PRODUCT_BYTES,
 ) -> list[torch.Tensor]:
     """Similarity maps of every template over every frame, in one pass over the features.
 
@@ -76,18 +83,44 @@ def patchwise_cosine(
         features (Tensor[N, C, H, W]): frame features, unit-norm per valid cell, zero on padding.
         templates (list of Tensor[C, h_k, w_k]): unit-norm per cell; sizes may differ.
         valid (Tensor[N, 2], optional): valid ``(rows, cols)`` per frame; default the full grid.
+        max_bytes: bound on the intermediate products (see :data:`MAX_PRODUCT_BYTES`).
 
     Returns:
         list of Tensor[N, oh_k, ow_k] (float32): one map per template, see :func:`map_shape`.
 
     One GEMM of all frame cells against all template cells (``[N*H*W, C] @ [C, sum h*w]``),
     then a shifted sum over template cells, one slice per cell offset for all templates of
-    the same size. fp16 inputs multiply in fp16 and sum in fp32.
+    the same size. fp16 inputs multiply in fp16 and sum in fp32. When the products would
+    exceed ``max_bytes`` (many queries, large scales), templates go in chunks of sizes
+    grouped together, and frames in halves: the maps are the same.
     """
     _check(features, templates, valid)
     n, c, H, W = features.shape
     if not templates:
         return []
+    per_cell = n * H * W * 4 * 2  # fp32 product and its padded copy, per template cell
+    sizes = [int(t.shape[1] * t.shape[2]) for t in templates]
+    if len(templates) > 1 and per_cell * sum(sizes) > max_bytes:
+        order = sorted(range(len(templates)), key=lambda k: (templates[k].shape[1], templates[k].shape[2], k))
+        chunks: list[list[int]] = [[]]
+        load = 0
+        for k in order:
+            if chunks[-1] and (load + sizes[k]) * per_cell > max_bytes:
+                chunks.append([])
+                load = 0
+            chunks[-1].append(k)
+            load += sizes[k]
+        out: list[torch.Tensor | None] = [None] * len(templates)
+        for chunk in chunks:
+            for k, m in zip(chunk, patchwise_cosine(features, [templates[k] for k in chunk], valid, max_bytes=max_bytes)):
+                out[k] = m
+        return out  # type: ignore[return-value]
+    if n > 1 and per_cell * sum(sizes) > max_bytes:
+        half = n // 2
+        v = (None, None) if valid is None else (valid[:half], valid[half:])
+        a = patchwise_cosine(features[:half], templates, v[0], max_bytes=max_bytes)
+        b = patchwise_cosine(features[half:], templates, v[1], max_bytes=max_bytes)
+        return [torch.cat([x, y]) for x, y in zip(a, b)]
     # Templates of one size form a group; within it, template cells are laid out
     # cell-major ([cell, template]), so each shift of the sum is one slice for the group.
     groups: dict[tuple[int, int], list[int]] = {}

@@ -28,7 +28,9 @@ def _zero_invalid(feats: np.ndarray, valid: list[tuple[int, int]]) -> np.ndarray
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
-def test_matches_reference_loop(case, dtype, tol):
+@pytest.mark.parametrize("max_bytes", [None, 1], ids=["one-pass", "chunked"])
+def test_matches_reference_loop(case, dtype, tol, max_bytes):
+    """``max_bytes=1`` forces one template per chunk and one frame per call."""
     C, H, W, tsizes, valid = case
     rng = np.random.default_rng(hash((C, H, W)) % 2**32)
     feats = _zero_invalid(np.stack([unit_cells(rng, (C, H, W)) for _ in valid]), valid)
@@ -37,6 +39,7 @@ def test_matches_reference_loop(case, dtype, tol):
         torch.from_numpy(feats).to(dtype),
         [torch.from_numpy(t).to(dtype) for t in temps],
         torch.tensor(valid),
+        **({} if max_bytes is None else {"max_bytes": max_bytes}),
     )
     for k, t in enumerate(temps):
         assert got[k].shape == (len(valid), *map_shape((H, W), t.shape[1:]))
