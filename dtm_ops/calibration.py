@@ -18,6 +18,11 @@ best in every frame), where a tiny template would then win on noise; the spread 
 positions keeps it honest there. The spread over positions alone is tiny for large
 templates, which would then win on any scene-wide shift; the per-frame term covers that.
 Measured on the demo footage and planted objects (README, "Calibration").
+
+A template's own sequence is left out of its sample (``skip``): the failure frame's
+sequence is the likeliest to hold the very object (a parked van in a static camera's
+footage is in most of its frames), and then the "background" statistics would be the
+object's own scores. Measured in README "Retrieval quality".
 """
 
 from __future__ import annotations
@@ -35,42 +40,57 @@ MIN_SIGMA = 0.02
 
 def calibrate(
     templates: Sequence[Template],
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    batches: Iterable[tuple],
     device: torch.device | None = None,
+    skip: Sequence[str | None] | None = None,
 ) -> int:
     """Set ``mu`` and ``sigma`` of every template from sample frames; returns the frame count.
 
     Args:
-        batches: ``(features Tensor[N, C, H, W], valid Tensor[N, 2])`` of sample frames.
+        batches: ``(features Tensor[N, C, H, W], valid Tensor[N, 2])`` of sample frames, or
+            ``(features, valid, sequences)`` with each frame's sequence id.
+        skip: per template, a sequence whose frames do not count for it (or ``None``). A
+            template left with fewer than 8 frames uses them all.
     """
     if not templates:
         return 0
     tfeats = [t.features.to(device) if device else t.features for t in templates]
+    # per template, per sample frame: best score, and sum / sum of squares / count over positions
     best: list[list[torch.Tensor]] = [[] for _ in templates]
-    pos_sum = torch.zeros(len(templates), dtype=torch.float64)
-    pos_sq = torch.zeros(len(templates), dtype=torch.float64)
-    pos_n = torch.zeros(len(templates), dtype=torch.float64)
-    frames = 0
-    for features, valid in batches:
+    psum: list[list[torch.Tensor]] = [[] for _ in templates]
+    psq: list[list[torch.Tensor]] = [[] for _ in templates]
+    pn: list[list[torch.Tensor]] = [[] for _ in templates]
+    seqs: list[str | None] = []
+    for batch in batches:
+        features, valid = batch[0], batch[1]
+        seqs += list(batch[2]) if len(batch) > 2 else [None] * features.shape[0]
         if device is not None:
             features, valid = features.to(device), valid.to(device)
-        frames += features.shape[0]
         for i, smap in enumerate(patchwise_cosine(features, tfeats, valid)):
             score, _, _ = best_positions(smap)
             best[i].append(score.double().cpu())
-            vals = smap[torch.isfinite(smap)].double()
-            pos_sum[i] += vals.sum().cpu()
-            pos_sq[i] += (vals * vals).sum().cpu()
-            pos_n[i] += vals.numel()
-    for i, (t, scores) in enumerate(zip(templates, best)):
-        s = torch.cat(scores) if scores else torch.empty(0, dtype=torch.float64)
+            fin = torch.isfinite(smap)
+            vals = torch.where(fin, smap, torch.zeros_like(smap)).double()
+            psum[i].append(vals.sum((1, 2)).cpu())
+            psq[i].append((vals * vals).sum((1, 2)).cpu())
+            pn[i].append(fin.sum((1, 2)).double().cpu())
+    for i, t in enumerate(templates):
+        if not best[i]:
+            t.mu, t.sigma = 0.0, 1.0
+            continue
+        own = skip[i] if skip is not None else None
+        use = torch.tensor([own is None or q != own for q in seqs], dtype=torch.bool)
+        if int(use.sum()) < 8:  # too few frames outside the query's sequence: use them all
+            use = torch.ones(len(seqs), dtype=torch.bool)
+        s = torch.cat(best[i])[use]
         s = s[torch.isfinite(s)]
         if s.numel() < 2:
             t.mu, t.sigma = 0.0, 1.0
             continue
         med = s.median().item()
         mad = (s - med).abs().median().item()
-        n = max(pos_n[i].item(), 1.0)
-        pos_sd = max(pos_sq[i].item() / n - (pos_sum[i].item() / n) ** 2, 0.0) ** 0.5
+        n = max(torch.cat(pn[i])[use].sum().item(), 1.0)
+        mean = torch.cat(psum[i])[use].sum().item() / n
+        pos_sd = max(torch.cat(psq[i])[use].sum().item() / n - mean**2, 0.0) ** 0.5
         t.mu, t.sigma = med, max(1.4826 * mad, pos_sd, MIN_SIGMA)
-    return frames
+    return len(seqs)

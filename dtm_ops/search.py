@@ -17,13 +17,14 @@ import torch
 
 from dtm_ops.boxes import Box, validate_box
 from dtm_ops.calibration import calibrate
+from dtm_ops.centering import center, mean_cell
 from dtm_ops.errors import InputError
 from dtm_ops.features import FeatureExtractor
 from dtm_ops.matching import best_positions, patchwise_cosine
 from dtm_ops.media import open_image
 from dtm_ops.store.format import FrameEntry, ShardEntry
 from dtm_ops.store import FeatureStore
-from dtm_ops.templates import DEFAULT_SCALES, Template, build_templates
+from dtm_ops.templates import DEFAULT_SCALES, MAX_UPSAMPLE, Template, build_templates
 from dtm_ops.topk import TopK
 
 Mode = Literal["any", "all"]
@@ -94,8 +95,9 @@ class PreparedQuery:
     """A query with its calibrated templates: what the scan needs, built once per run."""
 
     query: Query
-    templates: list[Template]
+    templates: list[Template]  # features already centred when ``center`` is set
     exclude: tuple[str, int] | None  # (sequence, index) of the query frame when it is in the lake
+    center: torch.Tensor | None = None  # Tensor[C]: the lake's mean cell (see dtm_ops.centering)
 
 
 def save_prepared(prepared: Sequence[PreparedQuery], fingerprint) -> bytes:
@@ -112,6 +114,8 @@ def save_prepared(prepared: Sequence[PreparedQuery], fingerprint) -> bytes:
             tensors[name] = t.features.contiguous()
             temps.append({"tensor": name, "roi_index": t.roi_index, "scale": t.scale, "rel_box": list(t.rel_box),
                           "mu": t.mu, "sigma": t.sigma})
+        if p.center is not None:
+            tensors["center"] = p.center.contiguous()
         q = p.query
         meta.append({"query_id": q.query_id, "source": q.source, "boxes": [list(b) for b in q.boxes],
                      "labels": q.labels, "mode": q.mode, "exclude": list(p.exclude) if p.exclude else None,
@@ -140,7 +144,7 @@ def load_prepared(data: bytes, fingerprint) -> list[PreparedQuery]:
                   labels=m["labels"], mode=m["mode"])
         temps = [Template(query_id=q.query_id, roi_index=t["roi_index"], scale=t["scale"], features=tensors[t["tensor"]],
                           rel_box=tuple(t["rel_box"]), mu=t["mu"], sigma=t["sigma"]) for t in m["templates"]]
-        out.append(PreparedQuery(q, temps, tuple(m["exclude"]) if m["exclude"] else None))
+        out.append(PreparedQuery(q, temps, tuple(m["exclude"]) if m["exclude"] else None, tensors.get("center")))
     return out
 
 
@@ -157,6 +161,11 @@ class Searcher:
             query frame itself.
         calibration_frames: frames sampled evenly from the store to calibrate templates;
             0 turns calibration off (scores are then raw cosines, which favour small scales).
+        max_upsample: templates come from the query image enlarged at most this much
+            (:mod:`dtm_ops.templates`).
+        center: match mean-centred cells (:mod:`dtm_ops.centering`), the mean taken over the
+            calibration sample; needs calibration frames. Off by default: neutral in the
+            retrieval evaluation (README "Retrieval quality").
         batch_frames: frames matched per step (bounds memory).
     """
 
@@ -169,6 +178,8 @@ class Searcher:
         top_k: int = 20,
         exclude_window: int = 0,
         calibration_frames: int = 64,
+        center: bool = False,
+        max_upsample: float = MAX_UPSAMPLE,
         batch_frames: int = 32,
         progress: bool = False,
     ) -> None:
@@ -178,6 +189,8 @@ class Searcher:
         self.top_k = top_k
         self.exclude_window = exclude_window
         self.calibration_frames = calibration_frames
+        self.center = center
+        self.max_upsample = max_upsample
         self.batch_frames = batch_frames
         self.progress = progress
         self.device = extractor.device
@@ -199,15 +212,24 @@ class Searcher:
                 for i, b in enumerate(q.boxes)
             ]
             templates = build_templates(
-                self.extractor, image, boxes, query_id=q.query_id, scales=self.scales, margin=self.margin
+                self.extractor, image, boxes, query_id=q.query_id, scales=self.scales, margin=self.margin,
+                max_upsample=self.max_upsample,
             )
             entry = by_source.get(q.source)
             prepared.append(PreparedQuery(q, templates, (entry.sequence, entry.index) if entry else None))
         if self.calibration_frames > 0:
-            calibrate([t for p in prepared for t in p.templates], self._sample_batches(store), self.device)
+            sample = list(self._sample_batches(store))
+            mu = mean_cell((f, v) for f, v, _ in sample) if self.center else None
+            for p in prepared:
+                p.center = mu
+                for t in p.templates:
+                    t.features = center(t.features, mu, dim=0)
+            calibrate([t for p in prepared for t in p.templates],
+                      ((center(f, mu, dim=1), v, seqs) for f, v, seqs in sample), self.device,
+                      skip=[p.exclude[0] if p.exclude else None for p in prepared for _ in p.templates])
         return prepared
 
-    def _sample_batches(self, store: FeatureStore) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _sample_batches(self, store: FeatureStore) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         """Calibration frames, read from at most ``CALIBRATION_SHARDS`` shards (the cost is
         bounded however large the lake). The shards are those at evenly spaced points of the
         lake's frame order, and the frames are spread evenly over them, so each contributes
@@ -228,7 +250,7 @@ class Searcher:
             offset += len(entry.frames)
             for start in range(0, len(rows), self.batch_frames):
                 sel = rows[start : start + self.batch_frames]
-                yield feats[sel].float(), valid[sel]
+                yield feats[sel].float(), valid[sel], [entry.frames[r].sequence for r in sel]
 
     # ------------------------------------------------------------ scan
     def search(self, store: FeatureStore, queries: Sequence[Query], *, heatmaps: bool = True) -> dict[str, list[Hit]]:
@@ -252,6 +274,7 @@ class Searcher:
         from tqdm import tqdm
 
         templates = [t for p in prepared for t in p.templates]
+        lake_mean = prepared[0].center if prepared else None
         tfeats = [t.features.to(self.device, self._dtype()) for t in templates]
         mu = torch.tensor([t.mu for t in templates], dtype=torch.float64)
         sigma = torch.tensor([t.sigma for t in templates], dtype=torch.float64)
@@ -261,7 +284,7 @@ class Searcher:
         for entry, feats, valid in store.iter_shards(shards):
             for start in range(0, len(entry.frames), self.batch_frames):
                 sl = slice(start, start + self.batch_frames)
-                f = feats[sl].to(self.device, self._dtype())
+                f = center(feats[sl].to(self.device, self._dtype()), lake_mean, dim=1)
                 v = valid[sl].to(self.device)
                 maps = patchwise_cosine(f, tfeats, v)
                 best = [best_positions(m) for m in maps]
@@ -370,7 +393,7 @@ class Searcher:
                 for m in hit.rois:
                     t = next(t for t in p.templates if t.roi_index == m.roi_index and t.scale == m.scale)
                     smap = patchwise_cosine(
-                        f[None].to(self.device, self._dtype()),
+                        center(f[None].to(self.device, self._dtype()), p.center, dim=1),
                         [t.features.to(self.device, self._dtype())],
                         torch.tensor([entry.valid], device=self.device),
                     )[0][0].cpu()

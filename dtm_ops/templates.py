@@ -8,7 +8,10 @@ ROI is processed (at most the frames' long side on each side), so large scales c
 more than one frame.
 
 Scales are dropped where they make no sense: above 1, when the resized ROI would be
-larger than a whole frame; below 1, when it would be smaller than half a cell.
+larger than a whole frame, or when the query image would be enlarged more than
+``max_upsample`` times its own pixels (such a template is mostly interpolation: blur that
+matches any smooth surface, measured in README "Retrieval quality"); below 1, when it
+would be smaller than half a cell.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from dtm_ops.features import FeatureExtractor
 #: 0.25x to 8x in steps of sqrt(2): wide enough for a pedestrian covering 0.5% of one
 #: frame and a quarter of another.
 DEFAULT_SCALES: tuple[float, ...] = tuple(round(2 ** (k / 2), 4) for k in range(-4, 7))
+#: Largest enlargement of the query image's own pixels that a template may come from.
+MAX_UPSAMPLE = 2.0
 
 
 @dataclass
@@ -53,7 +58,8 @@ class Template:
         return int(self.features.shape[1]), int(self.features.shape[2])
 
 
-def feasible_scales(box: Box, image_size: tuple[int, int], extractor: FeatureExtractor, scales: Sequence[float]) -> list[float]:
+def feasible_scales(box: Box, image_size: tuple[int, int], extractor: FeatureExtractor, scales: Sequence[float],
+                    max_upsample: float = MAX_UPSAMPLE) -> list[float]:
     """The scales of ``scales`` worth matching for ``box`` (see module docstring)."""
     pre = extractor.preprocess
     f = pre.frame_scale(*image_size)
@@ -61,7 +67,7 @@ def feasible_scales(box: Box, image_size: tuple[int, int], extractor: FeatureExt
     keep = []
     for s in sorted(set(scales)):
         r = f * s
-        if s > 1 and max(bw, bh) * r > pre.long_side:
+        if s > 1 and (max(bw, bh) * r > pre.long_side or r > max_upsample):
             continue
         if s < 1 and max(bw, bh) * r < extractor.stride / 2:
             continue
@@ -79,12 +85,14 @@ def build_templates(
     query_id: str,
     scales: Sequence[float] = DEFAULT_SCALES,
     margin: int = 0,
+    max_upsample: float = MAX_UPSAMPLE,
 ) -> list[Template]:
     """Templates of every ROI of one query at every feasible scale.
 
     Args:
         boxes: validated pixel boxes on ``image``.
         margin: context cells added on each side of the ROI's cells (clipped to the image).
+        max_upsample: see the module docstring.
     """
     pre = extractor.preprocess
     stride = extractor.stride
@@ -92,7 +100,7 @@ def build_templates(
     f = pre.frame_scale(W, H)
     jobs = []  # (roi index, scale, prepared window, box in window pixels)
     for k, box in enumerate(boxes):
-        for s in feasible_scales(box, image.size, extractor, scales):
+        for s in feasible_scales(box, image.size, extractor, scales, max_upsample):
             r = f * s
             win_w, win_h = min(W, pre.long_side / r), min(H, pre.long_side / r)
             cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
