@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from dtm_ops.errors import DtmError
+from dtm_ops.errors import DtmError, InputError
 
 SCALES_HELP = "comma-separated template scales (object size in frames relative to the query), default 0.25..8 in sqrt(2) steps"
 
@@ -66,6 +66,30 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     sub.add_parser("backbones", help="list the available backbones and their layers")
+
+    ev = sub.add_parser("eval", help="measure retrieval quality: DTM against pooled-feature baselines, by ROI size")
+    evs = ev.add_subparsers(dest="eval_command", required=True)
+    eb = evs.add_parser("build", help="write the evaluation sets (seeded): real frames and/or the controlled set")
+    eb.add_argument("--out", required=True, help="folder for the sets (real/ and controlled/ inside)")
+    eb.add_argument("--labels", default=None,
+                    help="detector boxes of the demo footage (pseudo_labels.jsonl); needed for the real-frame set")
+    eb.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    eb.add_argument("--sets", default="real,controlled", help="which sets (default real,controlled)")
+    er = evs.add_parser("run", help="run every method over a set; write tables, per-query rows, a plot, the worst queries")
+    er.add_argument("--set", required=True, help="an evaluation set folder (from 'dtm eval build', or your own)")
+    er.add_argument("--out", required=True, help="output folder (its cache/ keeps the lake's features between runs)")
+    er.add_argument("--backbone", default="efficientnet_lite0", help="backbone name (see 'dtm backbones')")
+    er.add_argument("--layer", default="block_s16", help="layer DTM matches on (default block_s16)")
+    er.add_argument("--pooled-layer", default="head", help="layer the pooled baselines use (default head, the final layer)")
+    er.add_argument("--long-side", type=int, default=640, help="frames are resized to this long side (default 640)")
+    er.add_argument("--scales", type=_scales, default=None, help=SCALES_HELP)
+    er.add_argument("--margin", type=int, default=0, help="context cells around each ROI's template (default 0)")
+    er.add_argument("--max-upsample", type=float, default=2.0, help="largest enlargement of a query image for a template (default 2)")
+    er.add_argument("--center", action="store_true", help="match mean-centred cells (default: plain cosine)")
+    er.add_argument("--methods", default=",".join(("dtm", "global-avg", "global-gem", "roi-pooled", "roi>dtm", "dtm+roi")),
+                    help="comma-separated methods (default: all)")
+    er.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    er.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
@@ -182,6 +206,38 @@ def cmd_demo(a: argparse.Namespace) -> int:
                        exclude_window=35, heatmaps=True, progress=not a.no_progress)
 
 
+def cmd_eval(a: argparse.Namespace) -> int:
+    if a.eval_command == "build":
+        from dtm_ops.evaluation.build import build_controlled_set, build_real_set
+
+        sets = {s.strip() for s in a.sets.split(",") if s.strip()}
+        unknown = sets - {"real", "controlled"}
+        if unknown:
+            raise InputError(f"unknown sets {sorted(unknown)}: real, controlled", field="--sets")
+        if "real" in sets:
+            if not a.labels:
+                raise InputError("the real-frame set needs --labels (detector boxes, pseudo_labels.jsonl)", field="--labels")
+            es = build_real_set(Path(a.out) / "real", a.labels, seed=a.seed)
+            print(f"real-frame set: {len(es.frames)} frames, {len(es.queries)} queries in {es.root}")
+        if "controlled" in sets:
+            es = build_controlled_set(Path(a.out) / "controlled", seed=a.seed)
+            print(f"controlled set: {len(es.frames)} frames, {len(es.queries)} queries in {es.root}")
+        return 0
+    from dtm_ops.evaluation.runner import METHODS, EvalConfig, evaluate, markdown_table
+
+    methods = tuple(m.strip() for m in a.methods.split(",") if m.strip())
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise InputError(f"unknown methods {bad}; known: {', '.join(METHODS)}", field="--methods")
+    cfg = EvalConfig(backbone=a.backbone, layer=a.layer, pooled_layer=a.pooled_layer, long_side=a.long_side, scales=a.scales,
+                     margin=a.margin, center=a.center, max_upsample=a.max_upsample, methods=methods, device=a.device,
+                     progress=not a.no_progress)
+    result = evaluate(a.set, a.out, cfg)
+    print(markdown_table(result["summary"]), end="")
+    print(f"written to {a.out}: summary.md, summary.csv, per_query.csv, precision_by_area.png, worst.html")
+    return 0
+
+
 def cmd_backbones(a: argparse.Namespace) -> int:
     from dtm_ops import backbones
 
@@ -194,7 +250,8 @@ def cmd_backbones(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"extract": cmd_extract, "index": cmd_extract, "search": cmd_search, "demo": cmd_demo, "backbones": cmd_backbones}[args.command]
+    handler = {"extract": cmd_extract, "index": cmd_extract, "search": cmd_search, "demo": cmd_demo, "backbones": cmd_backbones,
+               "eval": cmd_eval}[args.command]
     try:
         return handler(args)
     except (DtmError, FileNotFoundError) as exc:

@@ -1,0 +1,1 @@
+"""Retrieval evaluation: DTM against pooled-feature baselines, by ROI size (``dtm eval``)."""
