@@ -177,21 +177,32 @@ def build_templates(run: RunFolder, cfg: MiningConfig) -> dict:
 
 
 # ------------------------------------------------------------------------ scan
+def group_shards(sizes: Sequence[int], max_groups: int) -> list[list[int]]:
+    """Indices of shards in at most ``max_groups`` groups balanced by bytes (largest first
+    into the lightest group): the number of mapped scan tasks stays bounded however many
+    shards the lake has."""
+    import heapq
+
+    n = max(1, min(max_groups, len(sizes)))
+    heap = [(0, i) for i in range(n)]  # (load, group)
+    groups: list[list[int]] = [[] for _ in range(n)]
+    for k in sorted(range(len(sizes)), key=lambda k: -sizes[k]):
+        load, i = heapq.heappop(heap)
+        groups[i].append(k)
+        heapq.heappush(heap, (load + sizes[k], i))
+    return [g for g in groups if g]
+
+
 def plan_scan(cfg: MiningConfig, max_tasks: int, manifest_version: int | None = None) -> list[dict]:
     """Groups of shards, balanced by bytes, at most ``max_tasks`` of them however large the
     lake: the mapped scan runs one task per group."""
     from dtm_ops.store import FeatureStore
 
     manifest = FeatureStore.open(cfg.features_uri).manifest(manifest_version)
-    shards = sorted(manifest.shards, key=lambda s: -s.bytes)
-    n = max(1, min(max_tasks, len(shards)))
-    groups: list[list] = [[] for _ in range(n)]
-    load = [0] * n
-    for s in shards:  # largest first into the lightest group
-        i = load.index(min(load))
-        groups[i].append(s.name)
-        load[i] += s.bytes
-    return [{"group": i, "shards": sorted(g), "manifest_version": manifest.version} for i, g in enumerate(groups) if g]
+    shards = manifest.shards
+    groups = group_shards([s.bytes for s in shards], max_tasks)
+    return [{"group": i, "shards": sorted(shards[k].name for k in g), "manifest_version": manifest.version}
+            for i, g in enumerate(groups)]
 
 
 def scan_group(run: RunFolder, cfg: MiningConfig, group: dict) -> str:
