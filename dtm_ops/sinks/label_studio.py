@@ -213,6 +213,8 @@ class LabelStudioSink:
         pid = self.project_id(sorted(labels))
         have = self._task_ids()
         todo = self.resolve([t for t in tasks if t["data"]["dtm_key"] not in have])
+        ids = dict(have)
+        missing = False
         pushed: list[str] = []
         last = 0.0
         for start in range(0, len(todo), self.config.chunk_size):
@@ -220,15 +222,21 @@ class LabelStudioSink:
             wait = self.config.min_interval_s - (time.monotonic() - last)
             if last and wait > 0:
                 time.sleep(wait)
-            self._request("POST", f"/api/projects/{pid}/import", json=chunk)
+            reply = self._request("POST", f"/api/projects/{pid}/import", params={"return_task_ids": "true"}, json=chunk)
             last = time.monotonic()
             keys = [t["data"]["dtm_key"] for t in chunk]
+            created = (reply or {}).get("task_ids") or []
+            if len(created) == len(keys):  # created in the order sent
+                ids.update(zip(keys, map(int, created)))
+            else:  # an import the server ran asynchronously: read the ids back at the end
+                missing = True
             pushed += keys
             log.info("Label Studio project %s: imported %d tasks (%d/%d)", pid, len(chunk), len(pushed), len(todo))
             if on_chunk:
                 on_chunk(keys)
         keys = {t["data"]["dtm_key"] for t in tasks}
-        ids = self._task_ids() if pushed else have  # the new tasks' ids, read back
+        if missing:
+            ids = self._task_ids()
         links = {k: f"{self.url}/projects/{pid}/data?task={i}" for k, i in ids.items() if k in keys}
         return PushResult(pushed=pushed, skipped=sorted(set(have) & keys), links=links)
 
