@@ -18,6 +18,7 @@ one) and a user who may not read the DAG's runs gets 403, with no image bytes.
 """
 
 
+import functools
 import re
 from urllib.parse import quote
 
@@ -41,14 +42,25 @@ def create_app(settings: Settings | None = None):
     app = FastAPI(title="dtm-ops mining results", docs_url=None, redoc_url=None, openapi_url=None)
     can_read_runs = [Depends(requires_access_dag("GET", DagAccessEntity.RUN))]
 
-    def results(dag_id: str, run_id: str) -> RunResults:
-        from dtm_ops.mining import RunFolder
+    @functools.cache
+    def s3_settings() -> None:
+        """The aws connection, read once (not on every image request)."""
         from dtm_ops.settings import use_airflow_connection
 
+        use_airflow_connection(settings.aws_conn_id, server=True)
+
+    @functools.lru_cache(maxsize=128)
+    def run_folder(dag_id: str, run_id: str):
+        """One folder (and its S3 client) per run, reused by the page and its images."""
+        from dtm_ops.mining import RunFolder
+
+        s3_settings()
+        return RunFolder.for_run(settings.runs_uri, dag_id, run_id)
+
+    def results(dag_id: str, run_id: str) -> RunResults:
         if not DAG_ID.match(dag_id) or not _run_exists(dag_id, run_id):
             raise HTTPException(404, f"no run {run_id!r} of DAG {dag_id!r}")
-        use_airflow_connection(settings.aws_conn_id, server=True)
-        return RunResults(RunFolder.for_run(settings.runs_uri, dag_id, run_id))
+        return RunResults(run_folder(dag_id, run_id))
 
     def base(request: Request, dag_id: str, run_id: str) -> str:
         return f"{request.scope.get('root_path', '')}/runs/{quote(dag_id, safe='')}/{quote(run_id, safe='')}"
@@ -80,7 +92,8 @@ def create_app(settings: Settings | None = None):
 
     @app.get("/runs/{dag_id}/{run_id}/tasks/{task_id}/{map_index}", dependencies=can_read_runs)
     def task_view(request: Request, dag_id: str, run_id: str, task_id: str, map_index: str):
-        guarded(lambda: results(dag_id, run_id).overview())
+        if not results(dag_id, run_id).exists():
+            raise HTTPException(404, f"no mining results for run {run_id!r}")
         return RedirectResponse(base(request, dag_id, run_id), status_code=307)
 
     return app

@@ -68,7 +68,8 @@ class RunResults:
             return None
 
     def exists(self) -> bool:
-        return self._lines("reports/raw.jsonl") is not None
+        """Whether the run got as far as writing its reports (a size check, no read)."""
+        return self.run.objects.size("reports/raw.jsonl") is not None
 
     def hits(self) -> list[dict]:
         """Every hit, best first per query: the report's copy (with image paths and frame
@@ -89,7 +90,8 @@ class RunResults:
 
     def overview(self) -> dict:
         """Queries with their hit counts and best scores, validation, quarantine and push."""
-        if not self.exists():
+        raw = self._lines("reports/raw.jsonl")
+        if raw is None:
             raise NotFound(f"no mining results for this run (nothing in {self.run.uri})")
         queries = self._lines("reports/valid.jsonl") or []
         hits = self.hits()
@@ -104,7 +106,7 @@ class RunResults:
                  "best_score": max((h["score"] for h in per_query.get(q["report_id"], [])), default=None)}
                 for q in queries
             ],
-            "reports": len(self._lines("reports/raw.jsonl") or []),
+            "reports": len(raw),
             "quarantine": self._lines("reports/quarantine.jsonl") or [],
             "results_validation": self._json("validation/results.json"),
             "ledger": ledger,
@@ -132,7 +134,7 @@ class RunResults:
         for h in hits[start : start + per_page]:
             key = item_key(h["query_id"], h["frame_id"])
             rows.append({**h, "push": status.get(key, "not pushed"), "link": links.get(key)})
-        published = self._json("report/summary.json") is not None
+        published = self.run.objects.size("report/summary.json") is not None
         image = thumb_of(f"queries/{safe_name(query_id)}.png") if published else None
         return QueryPage(query=queries[query_id], image=image, hits=rows, total=len(hits), page=page, per_page=per_page)
 
