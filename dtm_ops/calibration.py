@@ -74,14 +74,15 @@ def calibrate(
             psum[i].append(vals.sum((1, 2)).cpu())
             psq[i].append((vals * vals).sum((1, 2)).cpu())
             pn[i].append(fin.sum((1, 2)).double().cpu())
+    masks: dict[str | None, torch.Tensor] = {}  # sample frames that count, per skipped sequence
+    for own in set(skip or [None]):
+        use = torch.tensor([own is None or q != own for q in seqs], dtype=torch.bool)
+        masks[own] = use if int(use.sum()) >= 8 else torch.ones(len(seqs), dtype=torch.bool)  # too few: all
     for i, t in enumerate(templates):
         if not best[i]:
             t.mu, t.sigma = 0.0, 1.0
             continue
-        own = skip[i] if skip is not None else None
-        use = torch.tensor([own is None or q != own for q in seqs], dtype=torch.bool)
-        if int(use.sum()) < 8:  # too few frames outside the query's sequence: use them all
-            use = torch.ones(len(seqs), dtype=torch.bool)
+        use = masks[skip[i] if skip is not None else None]
         s = torch.cat(best[i])[use]
         s = s[torch.isfinite(s)]
         if s.numel() < 2:

@@ -95,9 +95,9 @@ class PreparedQuery:
     """A query with its calibrated templates: what the scan needs, built once per run."""
 
     query: Query
-    templates: list[Template]  # features already centred when ``center`` is set
+    templates: list[Template]  # features already centred when ``lake_mean`` is set
     exclude: tuple[str, int] | None  # (sequence, index) of the query frame when it is in the lake
-    center: torch.Tensor | None = None  # Tensor[C]: the lake's mean cell (see dtm_ops.centering)
+    lake_mean: torch.Tensor | None = None  # Tensor[C]: the mean cell to centre on (dtm_ops.centering)
 
 
 def save_prepared(prepared: Sequence[PreparedQuery], fingerprint) -> bytes:
@@ -114,8 +114,8 @@ def save_prepared(prepared: Sequence[PreparedQuery], fingerprint) -> bytes:
             tensors[name] = t.features.contiguous()
             temps.append({"tensor": name, "roi_index": t.roi_index, "scale": t.scale, "rel_box": list(t.rel_box),
                           "mu": t.mu, "sigma": t.sigma})
-        if p.center is not None:
-            tensors["center"] = p.center.contiguous()
+        if p.lake_mean is not None:
+            tensors["lake_mean"] = p.lake_mean.contiguous()
         q = p.query
         meta.append({"query_id": q.query_id, "source": q.source, "boxes": [list(b) for b in q.boxes],
                      "labels": q.labels, "mode": q.mode, "exclude": list(p.exclude) if p.exclude else None,
@@ -144,7 +144,7 @@ def load_prepared(data: bytes, fingerprint) -> list[PreparedQuery]:
                   labels=m["labels"], mode=m["mode"])
         temps = [Template(query_id=q.query_id, roi_index=t["roi_index"], scale=t["scale"], features=tensors[t["tensor"]],
                           rel_box=tuple(t["rel_box"]), mu=t["mu"], sigma=t["sigma"]) for t in m["templates"]]
-        out.append(PreparedQuery(q, temps, tuple(m["exclude"]) if m["exclude"] else None, tensors.get("center")))
+        out.append(PreparedQuery(q, temps, tuple(m["exclude"]) if m["exclude"] else None, tensors.get("lake_mean")))
     return out
 
 
@@ -221,7 +221,7 @@ class Searcher:
             sample = list(self._sample_batches(store))
             mu = mean_cell((f, v) for f, v, _ in sample) if self.center else None
             for p in prepared:
-                p.center = mu
+                p.lake_mean = mu
                 for t in p.templates:
                     t.features = center(t.features, mu, dim=0)
             calibrate([t for p in prepared for t in p.templates],
@@ -274,7 +274,7 @@ class Searcher:
         from tqdm import tqdm
 
         templates = [t for p in prepared for t in p.templates]
-        lake_mean = prepared[0].center if prepared else None
+        lake_mean = prepared[0].lake_mean if prepared else None
         tfeats = [t.features.to(self.device, self._dtype()) for t in templates]
         mu = torch.tensor([t.mu for t in templates], dtype=torch.float64)
         sigma = torch.tensor([t.sigma for t in templates], dtype=torch.float64)
@@ -393,7 +393,7 @@ class Searcher:
                 for m in hit.rois:
                     t = next(t for t in p.templates if t.roi_index == m.roi_index and t.scale == m.scale)
                     smap = patchwise_cosine(
-                        center(f[None].to(self.device, self._dtype()), p.center, dim=1),
+                        center(f[None].to(self.device, self._dtype()), p.lake_mean, dim=1),
                         [t.features.to(self.device, self._dtype())],
                         torch.tensor([entry.valid], device=self.device),
                     )[0][0].cpu()

@@ -118,3 +118,33 @@ def test_planted_instance_is_found_first_and_placed_by_dtm(tmp_path, extractor, 
     assert "| dtm | all | 1 |" in (out / "summary.md").read_text()
     assert Image.open(out / "precision_by_area.png").size[0] > 0
     assert Path(out / "worst.png").is_file()
+
+
+def test_calibration_leaves_out_the_query_sequence_by_the_reference_loop():
+    """10 frames of the query's own sequence hold the template itself, 10 others do not.
+    Calibrated against the others only, mu is the median of their best scores, computed by
+    the explicit loop; without the rule, the template's own frames pull the median up."""
+    import numpy as np
+
+    from dtm_ops.calibration import calibrate
+    from dtm_ops.templates import Template
+    from tests.reference import patchwise_cosine_loop, unit_cells
+
+    rng = np.random.default_rng(7)
+    tmpl = unit_cells(rng, (8, 2, 2))
+    frames = np.stack([unit_cells(rng, (8, 5, 6)) for _ in range(20)])
+    frames[:12, :, 1:3, 2:4] = tmpl  # the object in 12 frames: 10 of its own sequence, 2 others
+    seqs = ["own"] * 10 + ["other"] * 10
+    best = [patchwise_cosine_loop(f, tmpl, (5, 6)).max() for f in frames]
+
+    def mu(skip):
+        t = Template("q", 0, 1.0, torch.from_numpy(tmpl).float(), (0, 0, 2, 2))
+        batch = (torch.from_numpy(frames).float(), torch.tensor([[5, 6]] * 20), seqs)
+        calibrate([t], [batch], skip=skip)
+        return t.mu
+
+    # the lower median (torch's convention): the (n-1)//2-th smallest
+    assert mu(["own"]) == pytest.approx(sorted(best[10:])[4], abs=1e-5)
+    assert sorted(best)[9] == pytest.approx(1.0)  # 12 of the 20 frames hold the object
+    assert mu(None) == pytest.approx(1.0, abs=1e-5)
+    assert mu(["own"]) < 0.6
