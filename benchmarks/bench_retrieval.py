@@ -1,7 +1,7 @@
 """Retrieval quality: DTM against the global-feature and ROI-pooled baselines, by ROI size.
 
 Builds the two evaluation sets (seeded; see dtm_ops/evaluation/build.py) unless they exist,
-runs ``dtm eval run`` on each (every method in the same run, on the same frames), and prints
+runs the evaluation (``dtm eval run``) on each (every method in the same run, on the same frames), and prints
 the tables and the ratios the issue asks about: DTM's precision@50 over the global
 baseline's, per ROI-area bucket. Outputs go to ``--out`` (tables, per-query rows, plots, the
 worst queries); ``--record`` also copies the tables and plots to benchmarks/results/.
@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
+from dtm_ops.evaluation.build import build_controlled_set, build_real_set
 from dtm_ops.evaluation.runner import EvalConfig, evaluate, markdown_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,11 +34,11 @@ def main() -> int:
     out = Path(a.out)
     for name in a.sets.split(","):
         set_dir = out / "sets" / name
-        if not (set_dir / "set.json").exists():
-            args = ["build", "--out", str(out / "sets"), "--seed", str(a.seed), "--sets", name]
+        if not (set_dir / "set.json").exists():  # what `dtm eval build` writes
             if name == "real":
-                args += ["--labels", a.labels]
-            subprocess.run([sys.executable, "-m", "dtm_ops.cli", "eval", *args], check=True)
+                build_real_set(set_dir, a.labels, seed=a.seed)
+            else:
+                build_controlled_set(set_dir, seed=a.seed)
         result = evaluate(set_dir, out / name, EvalConfig())
         print(f"\n## {name}\n")
         print(markdown_table(result["summary"]), end="")

@@ -107,7 +107,7 @@ def voted_objects(record: dict, classes=CLASSES_REAL, score: float = 0.3) -> tup
             for d in ("centernet", "nanodet", "oid_ssd") for c, s, _ in record.get(d, []) if s >= 0.25}
     objects: list[Obj] = []
     names = list(dets)
-    for i, name in enumerate(names):
+    for name in names:
         for c, b in dets[name]:
             if c not in classes:
                 continue
@@ -127,17 +127,18 @@ def build_real_set(out: str | Path, labels: str | Path, *, seed: int = 0, per_bu
     rng = random.Random(seed)
     lab = _labels(labels)
     frames: list[EvalFrame] = []
+    sizes: dict[str, tuple[int, int]] = {}  # video frames (query candidates) -> (width, height)
     for name, path in _videos().items():
         for idx, image in iter_video(path, step=STEPS[name]):
             rel = f"images/{name}/{idx:06d}.jpg"
             _save_jpeg(image, out / rel)
             objects, uncertain = voted_objects(lab.get((name, idx), {}))
             frames.append(EvalFrame(f"{name}/{idx:06d}", rel, name, idx, idx / FPS[name], objects, uncertain))
+            sizes[frames[-1].frame_id] = image.size
     for i, photo in enumerate(BACKGROUNDS):
         rel = f"images/photos/{Path(photo).stem}.jpg"
         _save_jpeg(Image.open(PHOTOS / photo), out / rel)
         frames.append(EvalFrame(f"photos/{Path(photo).stem}", rel, f"photos/{Path(photo).stem}", 0, None))
-    sizes = {f.frame_id: Image.open(out / f.image).size for f in frames if not f.sequence.startswith("photos")}
     # candidate queries: agreed boxes not overlapping another box of their class, >= 12 px a side
     cands: dict[tuple[str, str], list[tuple[EvalFrame, Obj, float]]] = defaultdict(list)
     for f in frames:

@@ -19,7 +19,7 @@ import csv
 import json
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,7 +46,6 @@ class EvalConfig:
     methods: tuple[str, ...] = METHODS
     device: str | None = None
     progress: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 def _cache_key(es: EvalSet, cfg: EvalConfig, layer: str) -> str:
