@@ -1,5 +1,6 @@
 """A real Airflow on 127.0.0.1 for tests: ``airflow standalone`` (API server, scheduler, DAG
-processor, triggerer) with the simple auth manager's users, and a small REST v2 client."""
+processor, triggerer) with the simple auth manager's users, and a small REST v2 client
+(:class:`AirflowClient`, also used for the loopback Celery cluster)."""
 
 from __future__ import annotations
 
@@ -53,71 +54,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class AirflowServer:
-    """``users``: name -> (role, password) or (role, password, teams)."""
+class AirflowClient:
+    """The REST API v2 of a running Airflow, as its users. ``users``: name -> (role,
+    password) or (role, password, teams)."""
 
-    def __init__(self, env: dict, log_path: Path, users: dict[str, tuple]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        home = Path(env["AIRFLOW_HOME"])
-        home.mkdir(parents=True, exist_ok=True)
-        passwords = home / "passwords.json"
-        passwords.write_text(json.dumps({u: spec[1] for u, spec in users.items()}))
+    def __init__(self, url: str, users: dict[str, tuple]) -> None:
+        self.url = url
         self.users = users
-        self.env = {
-            **env,
-            "AIRFLOW__API__HOST": "127.0.0.1",
-            "AIRFLOW__API__PORT": str(self.port),
-            "AIRFLOW__API__BASE_URL": self.url,
-            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(
-                ":".join([u, spec[0], *spec[2:]]) for u, spec in users.items()),
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
-            "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
-            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-        }
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
         self._tokens: dict[str, str] = {}
 
     def log_tail(self, n: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-n:] if self.log_path.exists() else ""
-
-    def start(self, timeout: float = 240) -> "AirflowServer":
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([str(BIN / "airflow"), "standalone"], env=self.env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + timeout
-        while True:
-            try:
-                _, health = self.api("GET", "/api/v2/monitor/health")
-                if health["metadatabase"]["status"] == "healthy" and health["scheduler"]["status"] == "healthy":
-                    return self
-            except (OSError, urllib.error.URLError, KeyError, TypeError):
-                pass
-            assert self.proc.poll() is None and time.time() < deadline, self.log_tail()
-            time.sleep(1)
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self._log.close()
+        return ""
 
     # ------------------------------------------------------------------ HTTP
-    def request(self, method: str, path: str, body=None, token: str | None = None, cookie: str | None = None):
+    def request(self, method: str, path: str, body=None, token: str | None = None):
         """(status, headers, bytes); HTTP errors are returned, not raised."""
         req = urllib.request.Request(self.url + path, method=method,
                                      data=json.dumps(body).encode() if body is not None else None)
         req.add_header("Content-Type", "application/json")
         if token:
             req.add_header("Authorization", f"Bearer {token}")
-        if cookie:
-            req.add_header("Cookie", cookie)
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
                 return r.status, dict(r.headers), r.read()
@@ -165,3 +121,57 @@ class AirflowServer:
     def task_instances(self, dag_id: str, run_id: str, user: str) -> list[dict]:
         _, tis = self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances?limit=1000", token=self.token(user))
         return tis["task_instances"]
+
+
+class AirflowServer(AirflowClient):
+    """``airflow standalone`` on a free port, with the simple auth manager's ``users``."""
+
+    def __init__(self, env: dict, log_path: Path, users: dict[str, tuple]) -> None:
+        self.port = free_port()
+        super().__init__(f"http://127.0.0.1:{self.port}", users)
+        home = Path(env["AIRFLOW_HOME"])
+        home.mkdir(parents=True, exist_ok=True)
+        passwords = home / "passwords.json"
+        passwords.write_text(json.dumps({u: spec[1] for u, spec in users.items()}))
+        self.env = {
+            **env,
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(self.port),
+            "AIRFLOW__API__BASE_URL": self.url,
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(
+                ":".join([u, spec[0], *spec[2:]]) for u, spec in users.items()),
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+            "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+        }
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    def log_tail(self, n: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-n:] if self.log_path.exists() else ""
+
+    def start(self, timeout: float = 240) -> "AirflowServer":
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([str(BIN / "airflow"), "standalone"], env=self.env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout
+        while True:
+            try:
+                _, health = self.api("GET", "/api/v2/monitor/health")
+                if health["metadatabase"]["status"] == "healthy" and health["scheduler"]["status"] == "healthy":
+                    return self
+            except (OSError, urllib.error.URLError, KeyError, TypeError):
+                pass
+            assert self.proc.poll() is None and time.time() < deadline, self.log_tail()
+            time.sleep(1)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self._log.close()

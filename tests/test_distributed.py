@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.airflow_server import REPO, airflow_cli, get_object, list_keys, put_report
+from tests.airflow_server import REPO, AirflowClient, airflow_cli, get_object, list_keys, put_report
 
 pytestmark = pytest.mark.slow
 SCRIPT = REPO / "scripts" / "loopback-cluster.sh"
@@ -38,40 +38,33 @@ def _script(*args: str, env: dict, timeout: float = 300) -> None:
     assert r.returncode == 0, f"loopback-cluster.sh {' '.join(args)}:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
 
 
-class Cluster:
+class Cluster(AirflowClient):
+    """The loopback cluster's REST API (as admin), its logs and its workers."""
+
     def __init__(self, folder: Path, env: dict) -> None:
-        self.folder, self.env = folder, env
         settings = {}
         for line in (folder / "env").read_text().splitlines():
             k, _, v = line.removeprefix("export ").partition("=")
             settings[k] = v
-        self.url = settings["AIRFLOW__API__BASE_URL"]
-        self._token: str | None = None
-
-    def api(self, method: str, path: str, body=None):
-        import urllib.request
-
-        if self._token is None and path != "/auth/token":
-            self._token = self.api("POST", "/auth/token", {"username": "admin", "password": "admin"})["access_token"]
-        req = urllib.request.Request(self.url + path, method=method, data=json.dumps(body).encode() if body is not None else None)
-        req.add_header("Content-Type", "application/json")
-        if self._token and path != "/auth/token":
-            req.add_header("Authorization", f"Bearer {self._token}")
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return json.loads(r.read() or b"null")
+        super().__init__(settings["AIRFLOW__API__BASE_URL"], {"admin": ("admin", "admin")})
+        self.folder, self.env = folder, env
 
     def log(self, name: str) -> str:
         p = self.folder / "logs" / f"{name}.log"
         return p.read_text(errors="replace")[-3000:] if p.exists() else ""
 
+    def log_tail(self, n: int = 3000) -> str:
+        return self.log("scheduler")[-n:]
+
     def wait_ready(self, timeout: float = 300) -> None:
+        """Scheduler and DAG processor healthy, the DAG parsed, both workers ready."""
         deadline = time.time() + timeout
         while True:
             logs = {w: self.log(f"worker-{w}") for w in ("cpu", "gpu")}
             try:
-                health = self.api("GET", "/api/v2/monitor/health")
+                _, health = self.api("GET", "/api/v2/monitor/health")
                 up = health["scheduler"]["status"] == "healthy" and health["dag_processor"]["status"] == "healthy"
-                self.api("GET", "/api/v2/dags/dtm_mining")
+                self.api("GET", "/api/v2/dags/dtm_mining", token=self.token("admin"))
             except Exception:  # noqa: BLE001 - not up yet
                 up = False
             if up and all(f"{w}@" in text and "ready." in text for w, text in logs.items()):
@@ -79,27 +72,15 @@ class Cluster:
             assert time.time() < deadline, f"cluster not ready:\n{logs}\n{self.log('scheduler')}"
             time.sleep(2)
 
-    def wait_worker(self, name: str, after: int, timeout: float = 120) -> None:
+    def wait_worker(self, name: str, timeout: float = 120) -> None:
+        """A (re)started worker's fresh log says it is ready."""
         deadline = time.time() + timeout
-        while self.log(f"worker-{name}").count("ready.") <= after:
+        while "ready." not in self.log(f"worker-{name}"):
             assert time.time() < deadline, self.log(f"worker-{name}")
             time.sleep(1)
 
-    def trigger(self, run_id: str, conf: dict) -> None:
-        self.api("PATCH", "/api/v2/dags/dtm_mining", {"is_paused": False})
-        self.api("POST", "/api/v2/dags/dtm_mining/dagRuns", {"dag_run_id": run_id, "logical_date": None, "conf": conf})
-
     def tis(self, run_id: str) -> list[dict]:
-        return self.api("GET", f"/api/v2/dags/dtm_mining/dagRuns/{run_id}/taskInstances?limit=1000")["task_instances"]
-
-    def wait_run(self, run_id: str, timeout: float = 900) -> dict:
-        deadline = time.time() + timeout
-        while True:
-            run = self.api("GET", f"/api/v2/dags/dtm_mining/dagRuns/{run_id}")
-            if run["state"] in ("success", "failed"):
-                return run
-            assert time.time() < deadline, self.log("scheduler")
-            time.sleep(2)
+        return self.task_instances("dtm_mining", run_id, "admin")
 
 
 @pytest.fixture(scope="module")
@@ -164,8 +145,8 @@ def _seconds(a: str | None, b: str | None) -> float | None:
 def test_scans_run_on_the_gpu_worker_and_results_equal_one_machine(cluster, world, reference):
     run_id = f"dist_{uuid.uuid4().hex[:6]}"
     conf = {**CONF, "report_uri": f"s3://{world['bucket']}/reports/day1.jsonl"}
-    cluster.trigger(run_id, conf)
-    run = cluster.wait_run(run_id)
+    cluster.trigger("dtm_mining", run_id, conf, "admin")
+    run = cluster.wait_for_run("dtm_mining", run_id, "admin", timeout=900)
     assert run["state"] == "success", cluster.log("scheduler")
     tis = cluster.tis(run_id)
     scans = [t for t in tis if t["task_id"] == "scan"]
@@ -183,7 +164,7 @@ def test_scans_run_on_the_gpu_worker_and_results_equal_one_machine(cluster, worl
 
 def test_a_gpu_worker_killed_mid_scan_is_retried_and_nothing_is_pushed_twice(cluster, world, reference):
     run_id = f"kill_{uuid.uuid4().hex[:6]}"
-    cluster.trigger(run_id, {**CONF, "report_uri": f"s3://{world['bucket']}/reports/day1.jsonl"})
+    cluster.trigger("dtm_mining", run_id, {**CONF, "report_uri": f"s3://{world['bucket']}/reports/day1.jsonl"}, "admin")
     deadline = time.time() + 600
     while not any(t["task_id"] == "scan" and t["state"] == "running" for t in cluster.tis(run_id)):
         assert time.time() < deadline, cluster.log("scheduler")
@@ -192,8 +173,8 @@ def test_a_gpu_worker_killed_mid_scan_is_retried_and_nothing_is_pushed_twice(clu
     _script("kill-worker", str(cluster.folder), "gpu", env=cluster.env)
     time.sleep(2)
     _script("start-worker", str(cluster.folder), "gpu", env=cluster.env)  # a fresh log: "ready." once up
-    cluster.wait_worker("gpu", 0)
-    run = cluster.wait_run(run_id)
+    cluster.wait_worker("gpu")
+    run = cluster.wait_for_run("dtm_mining", run_id, "admin", timeout=900)
     assert run["state"] == "success", cluster.log("scheduler")
     scans = [t for t in cluster.tis(run_id) if t["task_id"] == "scan"]
     assert max(t["try_number"] for t in scans) >= 2, scans  # the killed scan ran again
