@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dtm_ops.matching import PatchwiseCosine, best_positions, map_shape, patchwise_cosine
+from dtm_ops import matching
+from dtm_ops.matching import PatchwiseCosine, best_matches, best_positions, map_shape, patchwise_cosine
 from tests.reference import patchwise_cosine_loop, unit_cells
 
 CASES = [
@@ -29,8 +30,9 @@ def _zero_invalid(feats: np.ndarray, valid: list[tuple[int, int]]) -> np.ndarray
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
 @pytest.mark.parametrize("max_bytes", [None, 1], ids=["one-pass", "chunked"])
-def test_matches_reference_loop(case, dtype, tol, max_bytes):
-    """``max_bytes=1`` forces one template per chunk and one frame per call."""
+@pytest.mark.parametrize("method", ["fold", "conv", "auto"])
+def test_matches_reference_loop(case, dtype, tol, max_bytes, method):
+    """``max_bytes=1`` forces one template per chunk and one frame per call (``fold``)."""
     C, H, W, tsizes, valid = case
     rng = np.random.default_rng(hash((C, H, W)) % 2**32)
     feats = _zero_invalid(np.stack([unit_cells(rng, (C, H, W)) for _ in valid]), valid)
@@ -39,6 +41,7 @@ def test_matches_reference_loop(case, dtype, tol, max_bytes):
         torch.from_numpy(feats).to(dtype),
         [torch.from_numpy(t).to(dtype) for t in temps],
         torch.tensor(valid),
+        method=method,
         **({} if max_bytes is None else {"max_bytes": max_bytes}),
     )
     for k, t in enumerate(temps):
@@ -99,3 +102,81 @@ def test_ties_go_to_first_position():
     smap = torch.tensor([[[0.0, 0.5], [0.5, 0.1]]])
     score, row, col = best_positions(smap)
     assert (score.item(), row.item(), col.item()) == (0.5, 0, 1)
+
+
+def test_auto_times_both_methods_once_and_remembers_the_pick(monkeypatch):
+    calls = []
+    for name, fn in list(matching._GROUP_METHODS.items()):
+        counted = lambda f, g, b, fn=fn, name=name: calls.append(name) or fn(f, g, b)  # noqa: E731
+        monkeypatch.setitem(matching._GROUP_METHODS, name, counted)
+    monkeypatch.setattr(matching, "_picked", {})
+    feats = torch.nn.functional.normalize(torch.randn(4, 8, 6, 7), dim=1)
+    temps = [torch.nn.functional.normalize(torch.randn(8, 2, 3), dim=0) for _ in range(3)]
+    first = patchwise_cosine(feats, temps)
+    assert sorted(calls) == ["conv"] * 3 + ["fold"] * 3  # a warm-up and two timed runs each
+    (key, pick), = matching._picked.items()
+    assert key == ("maps", "cpu", torch.float32, (8, 6, 7), (3, 8, 2, 3), 3)  # 4 frames: bucket 2**2..2**3-1
+    calls.clear()
+    again = patchwise_cosine(feats, temps)
+    assert calls == [pick]
+    for a, b, c in zip(first, again, patchwise_cosine(feats, temps, method="fold" if pick == "conv" else "conv")):
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, c)
+    with pytest.raises(ValueError, match="method must be one of"):
+        patchwise_cosine(feats, temps, method="fft")
+
+
+def _best_reference(feats: np.ndarray, temps: list[np.ndarray], valid) -> tuple[np.ndarray, np.ndarray]:
+    """Best score and (row, col) per template and frame from the explicit loop: ``[T, N]``,
+    ``[T, N, 2]``; ties to the first position in row-major order (np.argmax)."""
+    score = np.empty((len(temps), len(valid)))
+    at = np.empty((len(temps), len(valid), 2), dtype=np.int64)
+    for k, t in enumerate(temps):
+        for n, v in enumerate(valid):
+            m = patchwise_cosine_loop(feats[n], t, v)
+            i = int(np.argmax(m))
+            score[k, n] = m.flat[i]
+            at[k, n] = divmod(i, m.shape[1])
+    return score, at
+
+
+def _check_best(method: str, max_bytes: int | None) -> None:
+    for C, H, W, tsizes, valid in CASES:
+        rng = np.random.default_rng(hash((C, H, W, 1)) % 2**32)
+        feats = _zero_invalid(np.stack([unit_cells(rng, (C, H, W)) for _ in valid]), valid)
+        temps = [unit_cells(rng, (C, h, w)) for h, w in tsizes + tsizes[:1]]  # a repeated size: a group of 2
+        want, at = _best_reference(feats, temps, valid)
+        score, row, col = best_matches(
+            torch.from_numpy(feats).float(), [torch.from_numpy(t).float() for t in temps], torch.tensor(valid),
+            method=method, **({} if max_bytes is None else {"max_bytes": max_bytes}),
+        )
+        np.testing.assert_allclose(score.double().numpy(), want, atol=1e-5, rtol=0)
+        fin = np.isfinite(want)
+        assert (row.numpy()[fin] == at[..., 0][fin]).all() and (col.numpy()[fin] == at[..., 1][fin]).all()
+
+
+@pytest.mark.parametrize("method", ["fold", "conv", "auto"])
+@pytest.mark.parametrize("max_bytes", [None, 1], ids=["one-pass", "chunked"])
+def test_best_matches_equal_the_reference_loop(method, max_bytes):
+    _check_best(method, max_bytes)
+
+
+def test_gpu_kernel_equals_the_reference_loop_under_the_triton_interpreter():
+    """The Triton kernel of :mod:`dtm_ops.shiftmax`, run by Triton's interpreter on CPU
+    tensors (the same kernel code the GPU compiles), against the explicit loop."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton", reason="Triton is not installed (it ships with torch's Linux wheels)")
+    code = "from tests.test_matching import _check_best; _check_best('shift', None); _check_best('shift', 1)"
+    env = {**__import__("os").environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=__import__("pathlib").Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_shift_needs_cuda_or_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    feats = torch.nn.functional.normalize(torch.randn(2, 8, 5, 5), dim=1)
+    with pytest.raises(ValueError, match="needs CUDA and Triton"):
+        best_matches(feats, [torch.nn.functional.normalize(torch.randn(8, 2, 2), dim=0)], method="shift")
