@@ -20,7 +20,8 @@ from dtm_ops.calibration import calibrate
 from dtm_ops.centering import center, mean_cell
 from dtm_ops.errors import InputError
 from dtm_ops.features import FeatureExtractor
-from dtm_ops.matching import best_positions, patchwise_cosine
+from dtm_ops.matching import best_matches, patchwise_cosine
+from dtm_ops.transfer import feed
 from dtm_ops.media import open_image
 from dtm_ops.store.format import FrameEntry, ShardEntry
 from dtm_ops.store import FeatureStore
@@ -281,19 +282,20 @@ class Searcher:
         heaps = {p.query.query_id: TopK(self.top_k) for p in prepared}
         shards = list(store.manifest().shards if shards is None else shards)
         bar = tqdm(total=sum(len(s.frames) for s in shards), unit="frame", disable=not self.progress, desc="scan")
-        for entry, feats, valid in store.iter_shards(shards):
-            for start in range(0, len(entry.frames), self.batch_frames):
-                sl = slice(start, start + self.batch_frames)
-                f = center(feats[sl].to(self.device, self._dtype()), lake_mean, dim=1)
-                v = valid[sl].to(self.device)
-                maps = patchwise_cosine(f, tfeats, v)
-                best = [best_positions(m) for m in maps]
-                cos = torch.stack([b[0] for b in best]).double().cpu()  # [T, n]
-                rows = torch.stack([b[1] for b in best]).cpu()
-                cols = torch.stack([b[2] for b in best]).cpu()
-                z = (cos - mu[:, None]) / sigma[:, None]
-                self._collect(prepared, entry.frames[sl], z, cos, rows, cols, heaps)
-                bar.update(f.shape[0])
+        cuda = self.device.type == "cuda"
+
+        def batches():
+            for entry, feats, valid in store.iter_shards(shards, pin_memory=cuda):
+                for start in range(0, len(entry.frames), self.batch_frames):
+                    sl = slice(start, start + self.batch_frames)
+                    yield (entry, sl), feats[sl], valid[sl]
+
+        for (entry, sl), f, v in feed(batches(), self.device, self._dtype()):
+            score, rows, cols = best_matches(center(f, lake_mean, dim=1), tfeats, v)  # each [T, n]
+            cos, rows, cols = score.double().cpu(), rows.cpu(), cols.cpu()
+            z = (cos - mu[:, None]) / sigma[:, None]
+            self._collect(prepared, entry.frames[sl], z, cos, rows, cols, heaps)
+            bar.update(f.shape[0])
         bar.close()
         return heaps
 

@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 POINTER = "latest.json"
 PROJECTION = "projection.safetensors"
 SHARDS = "shards/"
-#: Shards larger than this are fetched as parallel ranged GETs of this size (it pays off on
-#: high-latency stores; on a nearby server one GET per shard is as fast).
+#: S3 shards larger than this are fetched as parallel ranged GETs of this size (it pays off
+#: on high-latency stores; on a nearby server one GET per shard is as fast). A local folder
+#: reads each shard whole: ranges would only add the copy that joins them.
 PART_BYTES = 64 << 20
 
 
@@ -49,14 +50,20 @@ class FeatureStore:
 
     Args:
         objects: where the bytes live (:func:`dtm_ops.store.objects.open_objects`).
-        workers: threads for parallel (ranged) GETs when streaming shards.
-        prefetch_bytes: memory budget of shard bytes fetched ahead of the consumer
-            (at least one shard is always in flight).
+        workers: threads for parallel (ranged) GETs, and for checksums and decoding, when
+            streaming shards.
+        prefetch_bytes: memory budget of shard bytes fetched ahead of the consumer (at
+            least one shard is always in flight); default ``DTM_PREFETCH_MB`` MiB from the
+            environment, else 512. Shards in flight are verified in parallel (a sha256 runs
+            at about 1 GB/s per core), so a GPU worker reading fast storage wants several
+            shards' worth.
     """
 
-    def __init__(self, objects: ObjectStore, *, workers: int = 8, prefetch_bytes: int = 512 << 20) -> None:
+    def __init__(self, objects: ObjectStore, *, workers: int = 8, prefetch_bytes: int | None = None) -> None:
         self.objects = objects
         self.workers = workers
+        if prefetch_bytes is None:
+            prefetch_bytes = int(os.environ.get("DTM_PREFETCH_MB", "512")) << 20
         self.prefetch_bytes = prefetch_bytes
         self._manifests: dict[int, Manifest] = {}
 
@@ -126,7 +133,7 @@ class FeatureStore:
     def _fetch(self, entry: ShardEntry, pool: ThreadPoolExecutor | None = None) -> bytes:
         key = SHARDS + entry.name
         try:
-            if entry.bytes <= PART_BYTES or pool is None:
+            if entry.bytes <= PART_BYTES or pool is None or not self.objects.uri.startswith("s3://"):
                 return self.objects.get(key)
             ranges = [(o, min(o + PART_BYTES, entry.bytes) - 1) for o in range(0, entry.bytes, PART_BYTES)]
             return b"".join(pool.map(lambda r: self.objects.get(key, r), ranges))
@@ -139,26 +146,29 @@ class FeatureStore:
         return decode_shard(data, entry, source=self.uri)
 
     def iter_shards(
-        self, shards: Sequence[ShardEntry] | None = None
+        self, shards: Sequence[ShardEntry] | None = None, *, pin_memory: bool = False
     ) -> Iterator[tuple[ShardEntry, torch.Tensor, torch.Tensor]]:
         """Stream shards in order, fetching ahead within the memory budget.
 
         GETs (ranged, in parallel, for large shards), checksum and decoding run on worker
         threads while the caller works on earlier shards. A failed shard raises when the
-        caller reaches it; nothing after it is yielded.
+        caller reaches it; nothing after it is yielded. ``pin_memory``: the decode threads
+        also copy features into page-locked memory, so that host-to-GPU copies can run
+        asynchronously (:mod:`dtm_ops.transfer`).
         """
         shards = list(self.manifest().shards if shards is None else shards)
         if not shards:
             return
         io_pool = ThreadPoolExecutor(self.workers, thread_name_prefix="dtm-get")
-        cpu_pool = ThreadPoolExecutor(2, thread_name_prefix="dtm-decode")
+        cpu_pool = ThreadPoolExecutor(self.workers, thread_name_prefix="dtm-decode")
         budget = threading.Semaphore(1)  # guards the byte count below
         pending: deque[tuple[ShardEntry, Future]] = deque()
         in_flight = 0
         nxt = 0
 
         def load(entry: ShardEntry):
-            return self._decode(entry, self._fetch(entry, io_pool))
+            features, valid = self._decode(entry, self._fetch(entry, io_pool))
+            return (features.pin_memory(), valid) if pin_memory else (features, valid)
 
         try:
             while nxt < len(shards) or pending:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import struct
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -148,17 +149,17 @@ def encode_shard(features: torch.Tensor, valid: torch.Tensor, dtype: str = "floa
 def decode_shard(data: bytes, entry: ShardEntry, *, source: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Verify ``data`` against the manifest entry and return ``(features, valid)``.
 
-    Features come back as float16 (int8 shards are dequantised) or float32.
+    Features come back as float16 (int8 shards are dequantised) or float32. float16 and
+    float32 features are views of ``data``, not copies (a scan reads gigabytes): treat them
+    as read-only.
     """
-    from safetensors.torch import load
-
     digest = hashlib.sha256(data).hexdigest()
     if digest != entry.sha256:
         raise FeatureStoreError(
             f"{source}: shard {entry.name}: checksum mismatch (sha256 {digest[:16]}..., manifest says {entry.sha256[:16]}...)"
         )
     try:
-        tensors = load(data)
+        tensors = _safetensors_views(data)
         features, valid = tensors["features"], tensors["valid"]
         if features.dtype == torch.int8:
             features = (features.to(torch.float32) * tensors["scales"].to(torch.float32) / 127).to(torch.float16)
@@ -170,6 +171,34 @@ def decode_shard(data: bytes, entry: ShardEntry, *, source: str) -> tuple[torch.
             f"{len(entry.frames)} frames of grid {tuple(entry.grid)}"
         )
     return features, valid
+
+
+_ST_DTYPES = {"F16": torch.float16, "F32": torch.float32, "I8": torch.int8, "I32": torch.int32}
+
+
+def _safetensors_views(data: bytes) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors blob as views of its bytes (``safetensors.torch.load``
+    copies them). The layout: an 8-byte little-endian header length, a JSON header of
+    ``{name: {dtype, shape, data_offsets}}``, then the data."""
+    import warnings
+
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size])
+    header.pop("__metadata__", None)
+    start = 8 + size
+    out = {}
+    with warnings.catch_warnings():  # bytes are immutable: the views are read-only by contract
+        warnings.simplefilter("ignore", UserWarning)
+        for name, meta in header.items():
+            dtype = _ST_DTYPES[meta["dtype"]]
+            begin, end = meta["data_offsets"]
+            count = (end - begin) // dtype.itemsize
+            if count:
+                flat = torch.frombuffer(data, dtype=dtype, count=count, offset=start + begin)
+            else:
+                flat = torch.empty(0, dtype=dtype)
+            out[name] = flat.reshape(meta["shape"])
+    return out
 
 
 def check_finite(features: torch.Tensor, frame_ids: list[str], *, source: str) -> None:
