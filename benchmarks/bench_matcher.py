@@ -1,59 +1,74 @@
 """Matcher throughput: the engine against a naive per-frame loop and batched conv2d.
 
-All three compute the same similarity maps (checked); ratios are measured side by side in
-one run. Feature size is the demo backbone's default layer (EfficientNet-Lite0 block_s16:
-112 channels, stride 16) on a 640x480 frame: a 30x40 grid. Runs on the CPU, and on CUDA in
-fp16 too when present.
+Every method computes the same frame scores (checked against an fp32/fp64 reference in the
+same run); ratios are measured side by side in one run. Each timing is the best of
+``--repeat`` after a warm-up (the engine's warm-up includes its one-time method pick).
 
-    .venv/bin/python benchmarks/bench_matcher.py [--frames 256] [--repeat 3]
+CPU (always): the demo backbone's default layer (EfficientNet-Lite0 block_s16: 112
+channels, stride 16) on a 640x480 frame, a 30x40 grid; fp32. The scan's work per batch:
+similarity maps, then the best position per frame.
+
+GPU (when CUDA is present): the grid of issue 7, a 1080p frame at stride 16 (68x120 cells),
+C = 128/256/1024, templates 2x4, 7x12 and 17x30, Q = 1/16/64 queries, fp16, against batched
+fp16 conv2d (cuDNN) with a max per frame. It also reports effective GB/s of features read
+and its share of the HBM read bandwidth measured in the same run.
+
+    .venv/bin/python benchmarks/bench_matcher.py [--frames 256] [--repeat 3] [--json OUT.jsonl]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
 import torch.nn.functional as F
 
-from dtm_ops.matching import patchwise_cosine
+from dtm_ops import matching
+from dtm_ops.matching import best_matches, position_mask
 
-GRID = (30, 40)
-CHANNELS = 112
+CPU_GRID = (30, 40)
+CPU_CHANNELS = 112
 # (label, template sizes): one query of one scale; 16 queries; one query over 9 scales.
-CASES = [
+CPU_CASES = [
     ("Q=1, 4x3 template", [(4, 3)]),
     ("Q=1, 8x6 template", [(8, 6)]),
     ("Q=16, 4x3 templates", [(4, 3)] * 16),
+    ("Q=16, 8x6 templates", [(8, 6)] * 16),
     ("Q=1 x 9 scales (2x1..16x12)", [(2, 1), (3, 2), (4, 3), (6, 4), (8, 6), (11, 8), (12, 9), (14, 10), (16, 12)]),
 ]
+GPU_GRID = (68, 120)
 
 
-def naive(features: torch.Tensor, templates: list[torch.Tensor]) -> list[torch.Tensor]:
-    """One frame and one template at a time (conv2d with the border padding)."""
-    out = []
-    for t in templates:
-        h, w = t.shape[1:]
-        maps = []
-        for f in features:
-            x = F.pad(f[None], (w // 2, w // 2, h // 2, h // 2))
-            maps.append(F.conv2d(x, t[None]).float()[0, 0] / (h * w))
-        out.append(torch.stack(maps))
-    return out
+def engine(features: torch.Tensor, templates: list[torch.Tensor], method: str = "auto") -> torch.Tensor:
+    """The scan's step (:func:`dtm_ops.matching.best_matches`): best score per frame ``[T, N]``."""
+    return best_matches(features, templates, method=method)[0]
 
 
-def batched_conv(features: torch.Tensor, templates: list[torch.Tensor]) -> list[torch.Tensor]:
-    """All frames at once, templates grouped by size (one conv2d per size)."""
+def batched_conv(features: torch.Tensor, templates: list[torch.Tensor]) -> torch.Tensor:
+    """All frames at once, templates grouped by size (one conv2d per size), max per frame."""
     by_size: dict[tuple[int, int], list[int]] = {}
     for i, t in enumerate(templates):
         by_size.setdefault(tuple(t.shape[1:]), []).append(i)
-    out: list[torch.Tensor | None] = [None] * len(templates)
+    out = torch.empty(len(templates), features.shape[0], device=features.device)
     for (h, w), idx in by_size.items():
         x = F.pad(features, (w // 2, w // 2, h // 2, h // 2))
-        y = F.conv2d(x, torch.stack([templates[i] for i in idx])).float() / (h * w)
-        for k, i in enumerate(idx):
-            out[i] = y[:, k]
-    return out  # type: ignore[return-value]
+        y = F.conv2d(x, torch.stack([templates[i] for i in idx]))
+        out[idx] = (y.amax(dim=(2, 3)).float() / (h * w)).T
+    return out
+
+
+def naive(features: torch.Tensor, templates: list[torch.Tensor]) -> torch.Tensor:
+    """One frame and one template at a time, in fp32."""
+    out = torch.empty(len(templates), features.shape[0], device=features.device)
+    for k, t in enumerate(templates):
+        h, w = t.shape[1:]
+        t32 = t.float()[None]
+        for n, f in enumerate(features):
+            x = F.pad(f.float()[None], (w // 2, w // 2, h // 2, h // 2))
+            out[k, n] = F.conv2d(x, t32).max() / (h * w)
+    return out
 
 
 def timeit(fn, repeat: int, sync) -> float:
@@ -68,36 +83,158 @@ def timeit(fn, repeat: int, sync) -> float:
     return best
 
 
-def bench(device: torch.device, dtype: torch.dtype, frames: int, repeat: int) -> None:
+def reference(features: torch.Tensor, templates: list[torch.Tensor]) -> torch.Tensor:
+    """Best score per frame ``[T, N]``, one frame and template at a time, under the engine's
+    border rule (positions with less than half the template on the frame do not count)."""
+    out = torch.empty(len(templates), features.shape[0], dtype=torch.float64)
+    n, _, H, W = features.shape
+    for k, t in enumerate(templates):
+        h, w = t.shape[1:]
+        ok = position_mask(torch.tensor([[H, W]]), (H, W), (h, w))[0]
+        for i, f in enumerate(features):
+            x = F.pad(f[None], (w // 2, w // 2, h // 2, h // 2))
+            out[k, i] = F.conv2d(x, t[None])[0, 0][ok].max().double().cpu() / (h * w)
+    return out
+
+
+def check(features: torch.Tensor, templates: list[torch.Tensor], tol: float, method: str = "auto") -> float:
+    """Largest difference of the engine's frame scores from :func:`reference`: in fp64 on
+    the CPU, in strict fp32 (no TF32) on the GPU, from the same (fp16-rounded) inputs."""
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        dtype = torch.float64 if features.device.type == "cpu" else torch.float32
+        want = reference(features.to(dtype), [t.to(dtype) for t in templates])
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    got = engine(features, templates, method)
+    err = (got.double().cpu() - want).abs().max().item()
+    assert err <= tol, f"engine differs from the reference by {err:.2e} (> {tol})"
+    return err
+
+
+def unit(shape, g, device, dtype) -> torch.Tensor:
+    return F.normalize(torch.randn(*shape, generator=g), dim=-3).to(device, dtype)
+
+
+def bench_cpu(frames: int, repeat: int, log) -> None:
     g = torch.Generator().manual_seed(0)
-    feats = F.normalize(torch.randn(frames, CHANNELS, *GRID, generator=g), dim=1).to(device, dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    print(f"\n{device.type} {str(dtype).replace('torch.', '')}, {frames} frames of {CHANNELS}x{GRID[0]}x{GRID[1]}, "
-          f"{torch.get_num_threads()} threads")
+    feats = unit((frames, CPU_CHANNELS, *CPU_GRID), g, "cpu", torch.float32)
+    sync = lambda: None  # noqa: E731
+    print(f"\ncpu float32, {frames} frames of {CPU_CHANNELS}x{CPU_GRID[0]}x{CPU_GRID[1]}, {torch.get_num_threads()} threads")
     print(f"{'case':<30} {'engine f/s':>11} {'conv2d f/s':>11} {'naive f/s':>10} {'vs conv2d':>10} {'vs naive':>9}")
-    for label, sizes in CASES:
-        temps = [F.normalize(torch.randn(CHANNELS, h, w, generator=g), dim=0).to(device, dtype) for h, w in sizes]
-        ref = naive(feats[:4], temps)
-        got = patchwise_cosine(feats[:4], temps)
-        for a, b in zip(got, ref):  # same maps (no valid mask: every position allowed here)
-            fin = torch.isfinite(a)
-            torch.testing.assert_close(a[fin], b[fin], atol=2e-2 if dtype == torch.float16 else 1e-4, rtol=0)
-        t_engine = timeit(lambda: patchwise_cosine(feats, temps), repeat, sync)
+    for label, sizes in CPU_CASES:
+        temps = [unit((CPU_CHANNELS, h, w), g, "cpu", torch.float32) for h, w in sizes]
+        t_engine = timeit(lambda: engine(feats, temps), repeat, sync)
         t_conv = timeit(lambda: batched_conv(feats, temps), repeat, sync)
         n_naive = max(8, frames // 8)
         t_naive = timeit(lambda: naive(feats[:n_naive], temps), 1, sync) * frames / n_naive
         fe, fc, fn = frames / t_engine, frames / t_conv, frames / t_naive
+        err = check(feats[:4], temps, 1e-4)
         print(f"{label:<30} {fe:>11.0f} {fc:>11.0f} {fn:>10.0f} {fe / fc:>9.2f}x {fe / fn:>8.1f}x")
+        log({"kind": "cpu", "case": label, "engine_fps": fe, "conv_fps": fc, "naive_fps": fn, "max_err": err})
+
+
+def hbm_read_gbps(device) -> float:
+    x = torch.empty(4 << 30, dtype=torch.uint8, device=device).view(torch.float16)
+    x.fill_(1)
+    t = timeit(lambda: x.sum(dtype=torch.float32), 5, torch.cuda.synchronize)
+    return (4 << 30) / t / 1e9
+
+
+def bench_gpu(repeat: int, log) -> None:
+    dev = torch.device("cuda")
+    sync = torch.cuda.synchronize
+    hbm = hbm_read_gbps(dev)
+    print(f"\n{torch.cuda.get_device_name()}, fp16, {GPU_GRID[0]}x{GPU_GRID[1]} grid; HBM read {hbm:.0f} GB/s (measured)")
+    log({"kind": "env", "device": torch.cuda.get_device_name(), "torch": torch.__version__, "hbm_read_GBps": hbm})
+    print(f"{'C':>5} {'tmpl':>6} {'Q':>3} {'N':>4} {'engine f/s':>11} {'GB/s':>6} {'%HBM':>5} {'conv2d f/s':>11} "
+          f"{'vs conv2d':>9} {'max err':>8} {'picked':>6} {'shift f/s':>10}")
+    g = torch.Generator().manual_seed(0)
+    for C in (128, 256, 1024):
+        frames = max(32, min(512, int(1e9 / (C * GPU_GRID[0] * GPU_GRID[1] * 2))))
+        feats = unit((frames, C, *GPU_GRID), g, dev, torch.float16)
+        per_frame = C * GPU_GRID[0] * GPU_GRID[1] * 2
+        for h, w in ((2, 4), (7, 12), (17, 30)):
+            for Q in (1, 16, 64):
+                temps = [unit((C, h, w), g, dev, torch.float16) for _ in range(Q)]
+                t_e = timeit(lambda: engine(feats, temps), repeat, sync)
+                t_c = timeit(lambda: batched_conv(feats, temps), repeat, sync)
+                t_s = timeit(lambda: engine(feats, temps, "shift"), repeat, sync)
+                err = max(check(feats[:2], temps, 2e-2), check(feats[:2], temps, 2e-2, "shift"))
+                fe, fc, fs = frames / t_e, frames / t_c, frames / t_s
+                gbps = fe * per_frame / 1e9
+                pick = [v for k, v in matching._picked.items() if k[0] == "best" and k[4] == (Q, C, h, w) and k[5] == len(feats).bit_length()][0]
+                print(f"{C:>5} {h:>2}x{w:<3} {Q:>3} {frames:>4} {fe:>11.0f} {gbps:>6.0f} {100 * gbps / hbm:>4.0f}% "
+                      f"{fc:>11.0f} {fe / fc:>8.2f}x {err:>8.1e} {pick:>6} {fs:>10.0f}", flush=True)
+                log({"kind": "gpu", "C": C, "h": h, "w": w, "Q": Q, "N": frames, "engine_fps": fe, "conv_fps": fc,
+                     "shift_fps": fs, "picked": pick, "feat_GBps": gbps, "hbm_share": gbps / hbm, "max_err": err})
+        del feats
+        torch.cuda.empty_cache()
+    C, (h, w) = 256, (7, 12)
+    feats = unit((32, C, *GPU_GRID), g, dev, torch.float16)
+    temps = [unit((C, h, w), g, dev, torch.float16)]
+    fn = 32 / timeit(lambda: naive(feats, temps), 1, sync)
+    fe = 32 / timeit(lambda: engine(feats, temps), repeat, sync)
+    print(f"per-frame fp32 loop, C={C}, {h}x{w}, Q=1: {fn:.0f} frames/s; engine on the same 32 frames {fe:.0f} ({fe / fn:.1f}x)")
+    log({"kind": "gpu_naive", "C": C, "h": h, "w": w, "Q": 1, "naive_fps": fn, "engine_fps": fe})
+    feats = unit((239, C, *GPU_GRID), g, dev, torch.float16)
+    cells = torch.stack(temps).reshape(C, h * w).T.contiguous()
+    t_gemm = timeit(lambda: torch.matmul(cells, feats.reshape(239, C, -1)), repeat, sync)
+    parts = {m: 239 / timeit(lambda: engine(feats, temps, m), repeat, sync) for m in ("shift", "fold", "conv")}
+    print(f"C={C}, {h}x{w}, Q=1, 239 frames: the GEMM alone {239 / t_gemm:.0f} frames/s; "
+          + ", ".join(f"{m} {v:.0f}" for m, v in parts.items()))
+    log({"kind": "gpu_parts", "C": C, "h": h, "w": w, "gemm_fps": 239 / t_gemm, **{f"{m}_fps": v for m, v in parts.items()}})
+
+
+def tune_gpu(repeat: int, log) -> None:
+    """Launch settings of the scan kernel (:data:`dtm_ops.shiftmax.TUNING`), side by side."""
+    from dtm_ops import shiftmax
+
+    dev, sync = torch.device("cuda"), torch.cuda.synchronize
+    g = torch.Generator().manual_seed(0)
+    C, frames = 256, 239
+    feats = unit((frames, C, *GPU_GRID), g, dev, torch.float16)
+    variants = [dict(elements=e, num_warps=nw, unroll=u) for e in (512, 1024, 2048, 4096) for nw in (4, 8)
+                for u in (False, True)]
+    print(f"\nscan kernel settings, C={C}, {frames} frames, frames/s of GEMM + kernel (method 'shift')")
+    default = dict(shiftmax.TUNING)
+    for h, w in ((2, 4), (7, 12), (17, 30)):
+        for Q in (1, 16):
+            temps = [unit((C, h, w), g, dev, torch.float16) for _ in range(Q)]
+            row = []
+            for v in variants:
+                shiftmax.TUNING.update(v)
+                row.append(frames / timeit(lambda: engine(feats, temps, "shift"), repeat, sync))
+                log({"kind": "tune", "C": C, "h": h, "w": w, "Q": Q, **v, "fps": row[-1]})
+            best = max(range(len(row)), key=row.__getitem__)
+            print(f"  {h}x{w} Q={Q}: best {row[best]:.0f} with {variants[best]}; "
+                  + " ".join(f"{r / 1000:.0f}k" for r in row), flush=True)
+    shiftmax.TUNING.update(default)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--frames", type=int, default=256)
+    ap.add_argument("--frames", type=int, default=256, help="CPU frames per call")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", help="also write one JSON line per measurement here")
+    ap.add_argument("--skip-cpu", action="store_true")
+    ap.add_argument("--tune", action="store_true", help="GPU only: time the scan kernel's launch settings")
     a = ap.parse_args()
-    bench(torch.device("cpu"), torch.float32, a.frames, a.repeat)
+    out = open(a.json, "a") if a.json else None
+
+    def log(record: dict) -> None:
+        if out:
+            out.write(json.dumps(record) + "\n")
+            out.flush()
+
+    if not a.skip_cpu:
+        bench_cpu(a.frames, a.repeat, log)
     if torch.cuda.is_available():
-        bench(torch.device("cuda"), torch.float16, a.frames * 16, a.repeat)
+        if a.tune:
+            tune_gpu(a.repeat, log)
+        else:
+            bench_gpu(a.repeat, log)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 7 in one go, for a lent GPU machine (device tool); results in $OUT.
+#   bash benchmarks/run_gpu.sh
+set -uo pipefail
+OUT=${OUT:-benchmarks/results/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if [ -d .whl ]; then  # packages the GPU image lacks (efficientnet-lite code for the extraction bench)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$OUT/gpu.txt"
+timeout 300 python3 benchmarks/bench_matcher.py --skip-cpu --json "$OUT/matcher.jsonl" 2>&1 | tee "$OUT/matcher.txt"
+DTM_PREFETCH_MB=4096 timeout 150 python3 benchmarks/bench_scan.py --frames 512 --per-shard 64 --channels 256 --grid 68 120 \
+  --cases 1x1 1x9 16x9 --batch-frames 64 --json "$OUT/scan.jsonl" 2>&1 | tee "$OUT/scan.txt"
+[ "${SKIP_EXTRACT:-0}" = 1 ] || timeout 90 python3 benchmarks/bench_extract.py 2>&1 | tee "$OUT/extract.txt"
