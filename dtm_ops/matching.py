@@ -67,7 +67,7 @@ def position_mask(valid: torch.Tensor, grid: tuple[int, int], template: tuple[in
 
 
 #: Bound on the intermediate products of one call (the cell-by-cell similarities of the
-#: ``"fold"`` method): more templates than fit are matched in chunks, more frames in halves.
+#: ``"fold"`` and ``"shift"`` methods): more are matched in chunks (:func:`product_chunks`).
 MAX_PRODUCT_BYTES = 512 << 20
 
 #: How a group of same-size templates is matched (:func:`patchwise_cosine`'s ``method``).
@@ -79,14 +79,25 @@ METHODS = ("auto", "fold", "conv")
 _picked: dict[tuple, str] = {}
 
 
+def product_chunks(n: int, m: int, pair_bytes: int, max_bytes: int) -> list[tuple[slice, slice]]:
+    """``(frames, templates)`` slices whose cell products stay within ``max_bytes``.
+
+    ``pair_bytes`` is the size of one frame's products with one template. Templates are
+    split first (a chunk always holds all frames it can), and each chunk holds at least
+    one frame and one template."""
+    templates = max(1, min(m, max_bytes // max(pair_bytes, 1)))
+    frames = max(1, min(n, max_bytes // max(pair_bytes * templates, 1)))
+    return [(slice(f, f + frames), slice(t, t + templates))
+            for t in range(0, m, templates) for f in range(0, n, frames)]
+
+
 def _group_fold(features: torch.Tensor, group: torch.Tensor, max_bytes: int = MAX_PRODUCT_BYTES) -> torch.Tensor:
     """Cell products, then their shifted sum: ``Tensor[N, m, oh, ow]`` of sums (not means).
 
     Args:
         features (Tensor[N, C, H, W]): frame features.
         group (Tensor[m, C, h, w]): templates of one size.
-        max_bytes: bound on the products; above it, templates go in chunks and frames in
-            halves (the sums are the same).
+        max_bytes: bound on the products (:func:`product_chunks`; the sums are the same).
 
     One GEMM of all template cells against all frame cells, ``[m*h*w, C] @ [C, H*W]`` per
     frame, gives ``P[N, m*h*w, H*W]``. Position ``p``'s score sums ``P[(k, u, v), p + (u, v)]``
@@ -96,18 +107,16 @@ def _group_fold(features: torch.Tensor, group: torch.Tensor, max_bytes: int = MA
     """
     n, c, H, W = features.shape
     m, _, h, w = group.shape
-    per_template = n * H * W * h * w * features.element_size()
-    if m > 1 and m * per_template > max_bytes:
-        step = max(1, max_bytes // per_template)
-        return torch.cat([_group_fold(features, group[k : k + step], max_bytes) for k in range(0, m, step)], dim=1)
-    if n > 1 and m * per_template > max_bytes:
-        return torch.cat([_group_fold(part, group, max_bytes) for part in (features[: n // 2], features[n // 2 :])])
-    cells = group.flip(2, 3).reshape(m, c, h * w).transpose(1, 2).reshape(m * h * w, c)
-    prod = torch.matmul(cells, features.reshape(n, c, H * W))  # [N, m*h*w, H*W]
-    sums = nn.functional.fold(prod, (H + h - 1, W + w - 1), (h, w))  # [N, m, H+h-1, W+w-1]
     oh, ow = map_shape((H, W), (h, w))
     r0, c0 = h - 1 - h // 2, w - 1 - w // 2  # the position with top-left (-(h//2), -(w//2))
-    return sums[:, :, r0 : r0 + oh, c0 : c0 + ow]
+    out = features.new_empty(n, m, oh, ow)
+    for fs, ts in product_chunks(n, m, H * W * h * w * features.element_size(), max_bytes):
+        part = group[ts]
+        cells = part.flip(2, 3).reshape(len(part), c, h * w).transpose(1, 2).reshape(-1, c)
+        prod = torch.matmul(cells, features[fs].reshape(-1, c, H * W))  # [n', m'*h*w, H*W]
+        sums = nn.functional.fold(prod, (H + h - 1, W + w - 1), (h, w))  # [n', m', H+h-1, W+w-1]
+        out[fs, ts] = sums[:, :, r0 : r0 + oh, c0 : c0 + ow]
+    return out
 
 
 def _group_conv(features: torch.Tensor, group: torch.Tensor, max_bytes: int = MAX_PRODUCT_BYTES) -> torch.Tensor:
@@ -244,40 +253,37 @@ def best_matches(
     from dtm_ops import shiftmax
 
     _check(features, templates, valid)
-    if method not in (*METHODS, "shift"):
-        raise ValueError(f"method must be one of {(*METHODS, 'shift')}, got {method!r}")
-    n, c, H, W = features.shape
-    dev = features.device
-    score = torch.empty(len(templates), n, device=dev)
-    index = torch.empty(len(templates), n, device=dev, dtype=torch.long)
-    cols = torch.empty(len(templates), dtype=torch.long, device=dev)
+    n, _, H, W = features.shape
     valid, groups = _size_groups(features, templates, valid)
 
     def via_sums(name):
         def run(f, g, v, mb):
             h, w = g.shape[2:]
             ok = position_mask(v, (H, W), (h, w))[:, None]
-            s = _GROUP_METHODS[name](f, g, mb).masked_fill(~ok, float("-inf"))
-            best, at = s.flatten(2).max(dim=2)
+            best, at = _GROUP_METHODS[name](f, g, mb).masked_fill(~ok, float("-inf")).flatten(2).max(dim=2)
             return best.float() / (h * w), at
         return run
 
     candidates = {name: via_sums(name) for name in _GROUP_METHODS}
-    if shiftmax.available(dev):
+    if shiftmax.available(features.device):
         candidates["shift"] = shiftmax.group_best
     if method not in ("auto", *candidates):
-        raise ValueError(f"method {method!r} needs CUDA and Triton")
+        need = " (it needs CUDA and Triton)" if method == "shift" else ""
+        raise ValueError(f"method must be one of {('auto', *candidates)} here, got {method!r}{need}")
+    score = features.new_empty(len(templates), n, dtype=torch.float32)
+    rows = features.new_empty(len(templates), n, dtype=torch.long)
+    cols = torch.empty_like(rows)
     for (h, w), idx, group in groups:
+        args = (features, group, valid, max_bytes)
         if method == "auto":
-            best, at = _fastest(_key("best", features, group), candidates, (features, group, valid, max_bytes),
-                                (features[:1], group, valid[:1], max_bytes))
+            warm_up = (features[:1], group, valid[:1], max_bytes)
+            best, at = _fastest(_key("best", features, group), candidates, args, warm_up)
         else:
-            best, at = candidates[method](features, group, valid, max_bytes)
-        sel = torch.tensor(idx, device=dev)
-        score[sel] = best.T
-        index[sel] = at.T
-        cols[sel] = map_shape((H, W), (h, w))[1]
-    return score, index // cols[:, None], index % cols[:, None]
+            best, at = candidates[method](*args)
+        ow = map_shape((H, W), (h, w))[1]
+        sel = torch.tensor(idx, device=features.device)
+        score[sel], rows[sel], cols[sel] = best.T, (at // ow).T, (at % ow).T
+    return score, rows, cols
 
 
 def best_positions(smap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -24,7 +24,7 @@ import functools
 
 import torch
 
-from dtm_ops.matching import MAX_PRODUCT_BYTES, map_shape
+from dtm_ops.matching import MAX_PRODUCT_BYTES, map_shape, product_chunks
 
 
 @functools.cache
@@ -111,7 +111,7 @@ def group_best(
         features (Tensor[N, C, H, W]): frame features, unit-norm per valid cell.
         group (Tensor[m, C, h, w]): templates of one size, in the features' dtype.
         valid (Tensor[N, 2]): valid ``(rows, cols)`` per frame.
-        max_bytes: bound on the products of one GEMM; frames (then templates) are chunked.
+        max_bytes: bound on the products of one GEMM (:func:`dtm_ops.matching.product_chunks`).
 
     Returns:
         ``(score Tensor[N, m] float32, index Tensor[N, m] int64)``: the mean cosine at the
@@ -121,16 +121,19 @@ def group_best(
     """
     n, c, H, W = features.shape
     m, _, h, w = group.shape
-    per_frame = m * h * w * H * W * features.element_size()
-    if m > 1 and per_frame > max_bytes:  # one frame's products are too many: templates in chunks
-        step = max(1, m * max_bytes // per_frame)
-        parts = [group_best(features, group[k : k + step], valid, max_bytes) for k in range(0, m, step)]
-        return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
-    frames = max(1, max_bytes // max(per_frame, 1))
-    if n > frames:
-        parts = [group_best(features[s : s + frames], group, valid[s : s + frames], max_bytes)
-                 for s in range(0, n, frames)]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    score = features.new_empty(n, m, dtype=torch.float32)
+    index = features.new_empty(n, m, dtype=torch.long)
+    valid = valid.to(device=features.device, dtype=torch.int32)
+    for fs, ts in product_chunks(n, m, H * W * h * w * features.element_size(), max_bytes):
+        score[fs, ts], index[fs, ts] = _launch(features[fs], group[ts], valid[fs].contiguous())
+    return score, index
+
+
+def _launch(features: torch.Tensor, group: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`group_best` for one chunk: the GEMM, then the kernel over ``(frame, template,
+    block of map rows)``, then the best block per frame and template."""
+    n, c, H, W = features.shape
+    m, _, h, w = group.shape
     cells = group.reshape(m, c, h * w).transpose(1, 2).reshape(m * h * w, c)  # rows (template, u, v)
     prod = torch.matmul(cells, features.reshape(n, c, H * W))  # [N, m*h*w, H*W]
     oh, ow = map_shape((H, W), (h, w))
@@ -139,7 +142,6 @@ def group_best(
     blocks = -(-oh // BR)
     score = torch.empty(n, m, blocks, device=features.device, dtype=torch.float32)
     index = torch.empty(n, m, blocks, device=features.device, dtype=torch.int32)
-    valid = valid.to(device=features.device, dtype=torch.int32).contiguous()
     _kernel()[(n, m, blocks)](
         prod, valid, score, index, H, W, oh, ow, h, w, blocks, prod.stride(0), prod.stride(1),
         BR=BR, BW=BW, WC=w if TUNING["unroll"] else 0, num_warps=TUNING["num_warps"],

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from dtm_ops import matching
-from dtm_ops.matching import PatchwiseCosine, best_matches, best_positions, map_shape, patchwise_cosine
+from dtm_ops.matching import (
+    PatchwiseCosine,
+    best_matches,
+    best_positions,
+    map_shape,
+    patchwise_cosine,
+    product_chunks,
+)
 from tests.reference import patchwise_cosine_loop, unit_cells
 
 CASES = [
@@ -178,5 +185,21 @@ def test_gpu_kernel_equals_the_reference_loop_under_the_triton_interpreter():
 def test_shift_needs_cuda_or_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     feats = torch.nn.functional.normalize(torch.randn(2, 8, 5, 5), dim=1)
-    with pytest.raises(ValueError, match="needs CUDA and Triton"):
+    with pytest.raises(ValueError, match="it needs CUDA and Triton"):
         best_matches(feats, [torch.nn.functional.normalize(torch.randn(8, 2, 2), dim=0)], method="shift")
+
+
+@pytest.mark.parametrize("n,m,pair,budget", [(5, 3, 10, 25), (7, 4, 3, 1000), (3, 2, 100, 1), (1, 9, 8, 40)])
+def test_product_chunks_cover_each_pair_once_within_the_budget(n, m, pair, budget):
+    seen = np.zeros((n, m), dtype=int)
+    for fs, ts in product_chunks(n, m, pair, budget):
+        seen[fs, ts] += 1
+        size = len(range(n)[fs]) * len(range(m)[ts]) * pair
+        assert size <= budget or size == pair  # over budget only when one pair alone is
+    assert (seen == 1).all()
+
+
+def test_product_chunks_by_hand():
+    # 2 templates of 10 bytes fit 25; then 1 frame per chunk (2 frames x 2 x 10 > 25)
+    assert product_chunks(5, 3, 10, 25)[:2] == [(slice(0, 1), slice(0, 2)), (slice(1, 2), slice(0, 2))]
+    assert len(product_chunks(5, 3, 10, 25)) == 10

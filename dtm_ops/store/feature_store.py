@@ -35,9 +35,9 @@ log = logging.getLogger(__name__)
 POINTER = "latest.json"
 PROJECTION = "projection.safetensors"
 SHARDS = "shards/"
-#: S3 shards larger than this are fetched as parallel ranged GETs of this size (it pays off
-#: on high-latency stores; on a nearby server one GET per shard is as fast). A local folder
-#: reads each shard whole: ranges would only add the copy that joins them.
+#: Shards larger than this are fetched as parallel ranged GETs of this size from stores with
+#: ``ranged_reads`` (S3: it pays off on high-latency servers; on a nearby one a single GET is
+#: as fast). A local folder reads each shard whole.
 PART_BYTES = 64 << 20
 
 
@@ -133,7 +133,7 @@ class FeatureStore:
     def _fetch(self, entry: ShardEntry, pool: ThreadPoolExecutor | None = None) -> bytes:
         key = SHARDS + entry.name
         try:
-            if entry.bytes <= PART_BYTES or pool is None or not self.objects.uri.startswith("s3://"):
+            if entry.bytes <= PART_BYTES or pool is None or not self.objects.ranged_reads:
                 return self.objects.get(key)
             ranges = [(o, min(o + PART_BYTES, entry.bytes) - 1) for o in range(0, entry.bytes, PART_BYTES)]
             return b"".join(pool.map(lambda r: self.objects.get(key, r), ranges))

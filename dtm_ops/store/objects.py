@@ -47,6 +47,9 @@ def check_key(key: str) -> str:
 
 class ObjectStore(Protocol):
     uri: str
+    #: Whether parallel ranged GETs of one large object beat a single GET (a high-latency
+    #: server); otherwise they only add the copy that joins the parts.
+    ranged_reads: bool
 
     def get(self, key: str, byte_range: tuple[int, int] | None = None) -> bytes:
         """Bytes of ``key`` (``byte_range``: inclusive ``(first, last)``)."""
@@ -88,6 +91,8 @@ def open_objects(uri: str | os.PathLike, *, s3_config: "S3Config | None" = None)
 
 # --------------------------------------------------------------------------- local
 class LocalObjectStore:
+    ranged_reads = False
+
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
         self.uri = str(self.root)
@@ -205,6 +210,8 @@ class S3ObjectStore:
     """Objects under ``s3://bucket/prefix``. One boto3 client, created on first use and shared
     by the reader's threads (low-level boto3 clients are thread-safe; creating one costs
     tens of milliseconds)."""
+
+    ranged_reads = True
 
     def __init__(self, bucket: str, prefix: str, config: S3Config) -> None:
         self.bucket = bucket
