@@ -6,7 +6,7 @@ run, side by side:
 - raw read: the shard objects' bytes fetched and nothing else, once one after the other
   and once with the store's parallelism (``workers`` GETs in flight); the faster counts;
 - scan: :meth:`dtm_ops.search.Searcher.scan` over every shard, which is what a mapped scan
-  task runs: GETs, sha256, decode (worker threads), pinned host-to-device copies one batch
+  task runs: GETs, checksum, decode (worker threads), pinned host-to-device copies one batch
   ahead (CUDA), matching, best position per frame and the top-k merge.
 
 The store is the S3 server (Ceph RGW on 127.0.0.1, as in bench_store.py) when ``--s3``,
@@ -122,7 +122,7 @@ def main() -> None:
         print(f"  raw read, {store.workers} GETs in flight     : {total / 1e6 / t_par:8.0f} MB/s {a.frames / t_par:9.0f} frames/s")
         cuda = device.type == "cuda"
         t_reader = best_of(lambda: [None for _ in store.iter_shards(shards, pin_memory=cuda)], a.repeat)
-        print(f"  reader (GET, sha256, decode{', pin' if cuda else ''}) : {total / 1e6 / t_reader:8.0f} MB/s "
+        print(f"  reader (GET, CRC, decode{', pinned' if cuda else ''}) : {total / 1e6 / t_reader:8.0f} MB/s "
               f"{a.frames / t_reader:9.0f} frames/s")
         log = open(a.json, "a") if a.json else None
         # Searcher.scan needs only the extractor's device and stride: the templates are made here.

@@ -1,6 +1,6 @@
 """Feature-store benchmark on a real S3 server (Ceph RGW on 127.0.0.1).
 
-1. Read throughput: the streaming reader (parallel GETs, sha256, decode, in order) against
+1. Read throughput: the streaming reader (parallel GETs, checksum, decode, in order) against
    raw ``get_object`` of the same shard bytes, one after the other, measured in one run.
 2. Compression: bytes per frame of fp32 / fp16 / int8 shards and of a PCA projection, and
    the error of DTM scores against fp32 features, on real features of demo frames.
@@ -111,7 +111,7 @@ def compression(extractor, feats, ffs) -> None:
     for dtype in ("float32", "float16", "int8"):
         data = encode_shard(x, valid, dtype)
         entry = _entry(data, n, x.shape[2:])
-        y, _ = decode_shard(data, entry, source="bench")
+        y, _ = decode_shard(torch.frombuffer(bytearray(data), dtype=torch.uint8), entry, source="bench")
         print(f"  {dtype:<22} {len(data) / n:>12.0f} {err(patchwise_cosine(y.float(), temps, valid))}")
     positions = torch.cat([x[i, :, :r, :q].reshape(c, -1).T for i, (r, q) in enumerate(_valid_rc(valid))])
     for dim in (64, 32):
@@ -132,10 +132,10 @@ def _valid_rc(valid):
 def _entry(data: bytes, n: int, grid):
     import hashlib
 
-    from dtm_ops.store.format import ShardEntry
+    from dtm_ops.store.format import ShardEntry, crc64nvme
 
     frames = tuple(FrameEntry(f"f{i}", "", "", i, 0, 0, (0, 0), 1.0) for i in range(n))
-    return ShardEntry("bench", hashlib.sha256(data).hexdigest(), len(data), tuple(grid), frames)
+    return ShardEntry("bench", hashlib.sha256(data).hexdigest(), len(data), tuple(grid), frames, crc64nvme(data))
 
 
 def _time(fn) -> float:

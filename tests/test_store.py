@@ -13,6 +13,7 @@ from dtm_ops.fingerprint import Fingerprint
 from dtm_ops.store import FeatureStore
 from dtm_ops.store.feature_store import POINTER, SHARDS, manifest_key
 from dtm_ops.store.format import FrameEntry, Manifest
+from dtm_ops.store.objects import ObjectNotFound
 
 FP = Fingerprint(backbone="b", weights="w" * 64, layer="l", stride=16, channels=4, preprocess={"long_side": 64})
 
@@ -103,8 +104,49 @@ def test_corrupted_shard_is_named(store_uri):
     data = bytearray(store.objects.get(SHARDS + entry.name))
     data[-10] ^= 0xFF
     store.objects.put(SHARDS + entry.name, bytes(data))
-    with pytest.raises(FeatureStoreError, match=f"shard {entry.name}: checksum mismatch"):
+    with pytest.raises(FeatureStoreError, match=rf"shard {entry.name}: checksum mismatch \(crc64nvme"):
         list(store.iter_shards())
+
+
+def _crc64nvme_bitwise(data: bytes) -> int:
+    """CRC-64/NVME bit by bit, from its definition (reflected polynomial 0x9A6C9329AC4BC9B5,
+    initial value and final xor all ones)."""
+    crc = (1 << 64) - 1
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x9A6C9329AC4BC9B5 if crc & 1 else 0)
+    return crc ^ ((1 << 64) - 1)
+
+
+def test_crc64nvme_matches_the_definition():
+    from dtm_ops.store.format import crc64nvme
+
+    assert crc64nvme(b"123456789") == "ae8b14860a799888"  # the catalogued check value
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 256, (3001,), generator=g, dtype=torch.uint8).numpy().tobytes()
+    assert crc64nvme(data) == f"{_crc64nvme_bitwise(data):016x}"
+    assert crc64nvme(memoryview(data)[1:]) == f"{_crc64nvme_bitwise(data[1:]):016x}"
+
+
+def test_shards_of_manifests_without_a_crc_are_checked_by_sha256(store_uri):
+    """Manifests written before the CRC field: their shards read, and a corrupt one is named."""
+    import dataclasses
+
+    store = _open(store_uri)
+    (entry,) = store.append(FP, *_frames(2))
+    manifest = store.manifest()
+    assert entry.crc64nvme is not None and manifest.shards[0].crc64nvme == entry.crc64nvme
+    manifest.shards = [dataclasses.replace(s, crc64nvme=None) for s in manifest.shards]
+    store.objects.put(manifest_key(manifest.version), manifest.to_bytes())
+    legacy = _open(store_uri)
+    assert legacy.manifest().shards[0].crc64nvme is None
+    assert len(list(legacy.iter_shards())) == 1
+    data = bytearray(store.objects.get(SHARDS + entry.name))
+    data[-10] ^= 0xFF
+    store.objects.put(SHARDS + entry.name, bytes(data))
+    with pytest.raises(FeatureStoreError, match=rf"shard {entry.name}: checksum mismatch \(sha256"):
+        list(_open(store_uri).iter_shards())
 
 
 def test_missing_shard_and_unknown_version(store_uri):
@@ -179,9 +221,26 @@ def test_s3_config_from_an_airflow_aws_connection():
     assert nested.endpoint_url == "http://x" and nested.access_key is None
 
 
+def test_read_into_fills_the_buffer_from_the_offset_and_names_a_short_object(store_uri, monkeypatch):
+    objects = _open(store_uri).objects
+    data = bytes(range(256)) * 40
+    objects.put("blob", data)
+    if store_uri[1] is not None:  # S3: straight from the socket, never through an intermediate bytes object
+        from botocore.response import StreamingBody
+
+        monkeypatch.setattr(StreamingBody, "read", lambda *a, **k: pytest.fail("read_into went through body.read()"))
+    out = bytearray(1000)
+    objects.read_into("blob", memoryview(out)[100:900], 5000)
+    assert out[:100] == bytes(100) and out[100:900] == data[5000:5800] and out[900:] == bytes(100)
+    with pytest.raises(FeatureStoreError, match="blob"):
+        objects.read_into("blob", memoryview(bytearray(500)), len(data) - 200)
+    with pytest.raises(ObjectNotFound, match="nope"):
+        objects.read_into("nope", memoryview(bytearray(8)))
+
+
 def test_large_shards_come_whole_or_in_ranged_parts_by_backend(store_uri, monkeypatch):
-    """S3 fetches a shard above PART_BYTES as parallel ranged GETs, a folder in one read;
-    either way the features are those written (and read-only views of the bytes)."""
+    """S3 fetches a shard above PART_BYTES as parallel ranged GETs into one buffer, a folder
+    in one read; either way the features are those written."""
     from dtm_ops.store import feature_store
 
     store = _open(store_uri)
@@ -192,13 +251,17 @@ def test_large_shards_come_whole_or_in_ranged_parts_by_backend(store_uri, monkey
     monkeypatch.setattr(feature_store, "PART_BYTES", part)
     reader = _open(store_uri)
     calls = []
-    get = reader.objects.get
-    reader.objects.get = lambda key, byte_range=None: (calls.append(byte_range), get(key, byte_range))[1]
+    read_into = reader.objects.read_into
+
+    def watched(key, out, offset=0):
+        calls.append((offset, len(out)))
+        read_into(key, out, offset)
+
+    reader.objects.read_into = watched
     got = _all_frames(reader)
-    ranged = [r for r in calls if r is not None]
     if store_uri[1] is None:
-        assert ranged == []
+        assert calls == [(0, shard.bytes)]
     else:
-        assert sorted(ranged) == [(o, min(o + part, shard.bytes) - 1) for o in range(0, shard.bytes, part)]
+        assert sorted(calls) == [(o, min(part, shard.bytes - o)) for o in range(0, shard.bytes, part)]
     for e, f in zip(entries, feats):
         torch.testing.assert_close(got[e.frame_id][0].float(), f, atol=1e-3, rtol=0)

@@ -25,6 +25,7 @@ from dtm_ops.store.format import (
     Manifest,
     ShardEntry,
     check_finite,
+    crc64nvme,
     decode_shard,
     encode_shard,
 )
@@ -37,7 +38,7 @@ PROJECTION = "projection.safetensors"
 SHARDS = "shards/"
 #: Shards larger than this are fetched as parallel ranged GETs of this size from stores with
 #: ``ranged_reads`` (S3: it pays off on high-latency servers; on a nearby one a single GET is
-#: as fast). A local folder reads each shard whole.
+#: as fast, and the parts cost nothing more). A local folder reads each shard whole.
 PART_BYTES = 64 << 20
 
 
@@ -54,9 +55,8 @@ class FeatureStore:
             streaming shards.
         prefetch_bytes: memory budget of shard bytes fetched ahead of the consumer (at
             least one shard is always in flight); default ``DTM_PREFETCH_MB`` MiB from the
-            environment, else 512. Shards in flight are verified in parallel (a sha256 runs
-            at about 1 GB/s per core), so a GPU worker reading fast storage wants several
-            shards' worth.
+            environment, else 512. The GETs of all shards in flight overlap, so a GPU
+            worker reading a high-latency store wants several shards' worth.
     """
 
     def __init__(self, objects: ObjectStore, *, workers: int = 8, prefetch_bytes: int | None = None) -> None:
@@ -130,19 +130,28 @@ class FeatureStore:
         """``(features Tensor[N, C, H, W], valid Tensor[N, 2])`` of one shard, verified."""
         return self._decode(entry, self._fetch(entry))
 
-    def _fetch(self, entry: ShardEntry, pool: ThreadPoolExecutor | None = None) -> bytes:
+    def _fetch(
+        self, entry: ShardEntry, pool: ThreadPoolExecutor | None = None, *, pin_memory: bool = False
+    ) -> torch.Tensor:
+        """The shard's bytes, ``Tensor[bytes] uint8``, read in place: parallel ranged parts
+        (large shards, stores with ``ranged_reads``) land at their offsets, so nothing is
+        joined or copied, and with ``pin_memory`` the buffer is page-locked to begin with."""
         key = SHARDS + entry.name
+        buf = torch.empty(entry.bytes, dtype=torch.uint8, pin_memory=pin_memory)
+        view = memoryview(buf.numpy())
         try:
             if entry.bytes <= PART_BYTES or pool is None or not self.objects.ranged_reads:
-                return self.objects.get(key)
-            ranges = [(o, min(o + PART_BYTES, entry.bytes) - 1) for o in range(0, entry.bytes, PART_BYTES)]
-            return b"".join(pool.map(lambda r: self.objects.get(key, r), ranges))
+                self.objects.read_into(key, view)
+            else:
+                parts = range(0, entry.bytes, PART_BYTES)
+                list(pool.map(lambda o: self.objects.read_into(key, view[o : o + PART_BYTES], o), parts))
         except ObjectNotFound:
             raise FeatureStoreError(f"{self.uri}: shard {entry.name} named by the manifest is missing") from None
+        return buf
 
-    def _decode(self, entry: ShardEntry, data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
-        # No NaN scan here: append() refuses non-finite features, and the sha256 proves the
-        # bytes are those written (the scan would cost as much as the checksum).
+    def _decode(self, entry: ShardEntry, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # No NaN scan here: append() refuses non-finite features, and the checksum proves the
+        # bytes are those written.
         return decode_shard(data, entry, source=self.uri)
 
     def iter_shards(
@@ -167,8 +176,10 @@ class FeatureStore:
         nxt = 0
 
         def load(entry: ShardEntry):
-            features, valid = self._decode(entry, self._fetch(entry, io_pool))
-            return (features.pin_memory(), valid) if pin_memory else (features, valid)
+            features, valid = self._decode(entry, self._fetch(entry, io_pool, pin_memory=pin_memory))
+            if pin_memory and not features.is_pinned():  # int8 shards: dequantised into new memory
+                features = features.pin_memory()
+            return features, valid
 
         try:
             while nxt < len(shards) or pending:
@@ -264,5 +275,6 @@ class FeatureStore:
             digest = hashlib.sha256(data).hexdigest()
             name = f"{digest[:20]}.safetensors"  # content-addressed: a retry rewrites the same name
             self.objects.put(SHARDS + name, data)
-            new.append(ShardEntry(name=name, sha256=digest, bytes=len(data), grid=grid, frames=tuple(frames[k] for k in idxs)))
+            new.append(ShardEntry(name=name, sha256=digest, bytes=len(data), grid=grid,
+                                  frames=tuple(frames[k] for k in idxs), crc64nvme=crc64nvme(data)))
         return new
