@@ -67,16 +67,19 @@ def position_mask(valid: torch.Tensor, grid: tuple[int, int], template: tuple[in
 
 
 #: Bound on the intermediate products of one call (the cell-by-cell similarities of the
-#: ``"fold"`` and ``"shift"`` methods): more are matched in chunks (:func:`product_chunks`).
+#: ``"fold"``, ``"slices"`` and ``"shift"`` methods): more are matched in chunks
+#: (:func:`product_chunks`).
 MAX_PRODUCT_BYTES = 512 << 20
 
-#: On the CPU, ``"fold"`` makes and sums its products in chunks of at most this many bytes,
-#: so that they are summed while still in cache: 1.1-1.6x on large groups on a 2-core
-#: machine (``benchmarks/bench_matcher.py``), the same on small ones.
+#: On the CPU, products are made and summed in chunks of about this many bytes (at least
+#: :data:`CPU_CHUNK_PAIRS` frame-template pairs, so that each operation has work enough to
+#: pay its overhead), so that they are summed while still in cache: 1.4-1.5x on large
+#: templates on a 2-core machine (``benchmarks/bench_matcher.py``), the same on small ones.
 CPU_CHUNK_BYTES = 8 << 20
+CPU_CHUNK_PAIRS = 32
 
 #: How a group of same-size templates is matched (:func:`patchwise_cosine`'s ``method``).
-METHODS = ("auto", "fold", "conv")
+METHODS = ("auto", "fold", "slices", "conv")
 
 # "auto" picks per (maps or best, device, dtype, frame grid, channels, template size, group
 # size, batch size to a power of 2): the fastest method on first use, timed on that call's
@@ -96,13 +99,34 @@ def product_chunks(n: int, m: int, pair_bytes: int, max_bytes: int) -> list[tupl
             for t in range(0, m, templates) for f in range(0, n, frames)]
 
 
-def _group_fold(features: torch.Tensor, group: torch.Tensor, max_bytes: int = MAX_PRODUCT_BYTES) -> torch.Tensor:
+def _fold_sum(prod: torch.Tensor, m: int, grid: tuple[int, int], template: tuple[int, int]) -> torch.Tensor:
+    """``fold`` (col2im): ``P[n, m*h*w, H*W]`` of flipped cells -> ``Tensor[n, m, H+h-1, W+w-1]``."""
+    (H, W), (h, w) = grid, template
+    return nn.functional.fold(prod, (H + h - 1, W + w - 1), (h, w))
+
+
+def _slice_sum(prod: torch.Tensor, m: int, grid: tuple[int, int], template: tuple[int, int]) -> torch.Tensor:
+    """As :func:`_fold_sum`, as ``h*w`` additions of whole shifted slices: on the CPU up to 2x
+    faster than ``fold``'s per-element loop where each slice is large enough."""
+    (H, W), (h, w) = grid, template
+    cells = prod.view(prod.shape[0], m, h, w, H, W)
+    sums = prod.new_zeros(prod.shape[0], m, H + h - 1, W + w - 1)
+    for a in range(h):
+        for b in range(w):
+            sums[:, :, a : a + H, b : b + W] += cells[:, :, a, b]
+    return sums
+
+
+def _group_products(
+    features: torch.Tensor, group: torch.Tensor, max_bytes: int = MAX_PRODUCT_BYTES, shifted_sum=_fold_sum
+) -> torch.Tensor:
     """Cell products, then their shifted sum: ``Tensor[N, m, oh, ow]`` of sums (not means).
 
     Args:
         features (Tensor[N, C, H, W]): frame features.
         group (Tensor[m, C, h, w]): templates of one size.
         max_bytes: bound on the products (:func:`product_chunks`; the sums are the same).
+        shifted_sum: :func:`_fold_sum` (method ``"fold"``) or :func:`_slice_sum` (``"slices"``).
 
     One GEMM of all template cells against all frame cells, ``[m*h*w, C] @ [C, H*W]`` per
     frame, gives ``P[N, m*h*w, H*W]``. Position ``p``'s score sums ``P[(k, u, v), p + (u, v)]``
@@ -115,19 +139,20 @@ def _group_fold(features: torch.Tensor, group: torch.Tensor, max_bytes: int = MA
     oh, ow = map_shape((H, W), (h, w))
     r0, c0 = h - 1 - h // 2, w - 1 - w // 2  # the position with top-left (-(h//2), -(w//2))
     out = features.new_empty(n, m, oh, ow)
+    pair_bytes = H * W * h * w * features.element_size()
     if features.device.type == "cpu":
-        max_bytes = min(max_bytes, CPU_CHUNK_BYTES)
-    for fs, ts in product_chunks(n, m, H * W * h * w * features.element_size(), max_bytes):
+        max_bytes = min(max_bytes, max(CPU_CHUNK_BYTES, CPU_CHUNK_PAIRS * pair_bytes))
+    for fs, ts in product_chunks(n, m, pair_bytes, max_bytes):
         part = group[ts]
         cells = part.flip(2, 3).reshape(len(part), c, h * w).transpose(1, 2).reshape(-1, c)
         prod = torch.matmul(cells, features[fs].reshape(-1, c, H * W))  # [n', m'*h*w, H*W]
-        sums = nn.functional.fold(prod, (H + h - 1, W + w - 1), (h, w))  # [n', m', H+h-1, W+w-1]
+        sums = shifted_sum(prod, len(part), (H, W), (h, w))  # [n', m', H+h-1, W+w-1]
         out[fs, ts] = sums[:, :, r0 : r0 + oh, c0 : c0 + ow]
     return out
 
 
 def _group_conv(features: torch.Tensor, group: torch.Tensor, max_bytes: int = MAX_PRODUCT_BYTES) -> torch.Tensor:
-    """Direct convolution (oneDNN / cuDNN), same output as :func:`_group_fold`. It holds
+    """Direct convolution (oneDNN / cuDNN), same output as :func:`_group_products`. It holds
     no cell products (``max_bytes`` does not apply), and its cost per template falls as
     templates share the frames: the method for many templates of one size.
 
@@ -141,7 +166,15 @@ def _group_conv(features: torch.Tensor, group: torch.Tensor, max_bytes: int = MA
     return nn.functional.conv2d(padded, group.contiguous(memory_format=torch.channels_last))
 
 
-_GROUP_METHODS = {"fold": _group_fold, "conv": _group_conv}
+def _group_fold(features: torch.Tensor, group: torch.Tensor, max_bytes: int = MAX_PRODUCT_BYTES) -> torch.Tensor:
+    return _group_products(features, group, max_bytes, _fold_sum)
+
+
+def _group_slices(features: torch.Tensor, group: torch.Tensor, max_bytes: int = MAX_PRODUCT_BYTES) -> torch.Tensor:
+    return _group_products(features, group, max_bytes, _slice_sum)
+
+
+_GROUP_METHODS = {"fold": _group_fold, "slices": _group_slices, "conv": _group_conv}
 
 
 def _fastest(key: tuple, candidates: dict, args: tuple, warm_up: tuple):
@@ -210,9 +243,10 @@ def patchwise_cosine(
         valid (Tensor[N, 2], optional): valid ``(rows, cols)`` per frame; default the full grid.
         max_bytes: bound on the intermediate products (see :data:`MAX_PRODUCT_BYTES`).
         method: ``"fold"`` (one GEMM of frame cells against template cells, then their
-            shifted sum by ``fold``), ``"conv"`` (direct convolution), or ``"auto"``: per
-            group of same-size templates, the faster of the two on this machine, timed on
-            first use. All give the same maps.
+            shifted sum by ``fold``), ``"slices"`` (the same GEMM, then the shifted sum as
+            slice additions), ``"conv"`` (direct convolution), or ``"auto"``: per group of
+            same-size templates, the fastest on this machine, timed on first use. All give
+            the same maps.
 
     Returns:
         list of Tensor[N, oh_k, ow_k] (float32): one map per template, see :func:`map_shape`.
