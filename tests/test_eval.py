@@ -74,6 +74,27 @@ def test_centring_removes_the_common_part_and_keeps_padding_zero():
     assert torch.allclose(m, (bland_a + bland_b) / 2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_centring_equals_a_cell_by_cell_loop(dtype):
+    g = torch.Generator().manual_seed(3)
+    x = torch.nn.functional.normalize(torch.randn(2, 6, 4, 5, generator=g), dim=1)
+    x[0, :, 3:, :] = 0  # padding
+    x[1, :, :, 4:] = 0
+    x = x.to(dtype)
+    mu = torch.randn(6, generator=g) * 0.3
+    got = center(x, mu, dim=1)
+    assert got.dtype == dtype and got.shape == x.shape
+    for n in range(2):
+        for i in range(4):
+            for j in range(5):
+                cell = x[n, :, i, j].double()
+                want = torch.zeros(6, dtype=torch.float64)
+                if cell.abs().max() > 0:
+                    want = (cell - mu.double()) / (cell - mu.double()).norm()
+                torch.testing.assert_close(got[n, :, i, j].double(), want, atol=1e-6 if dtype == torch.float32 else 1e-3,
+                                           rtol=0)
+
+
 def test_templates_never_come_from_an_image_enlarged_past_max_upsample(random_extractor):
     from dtm_ops.templates import feasible_scales
 
