@@ -7,7 +7,12 @@ run, side by side:
   and once with the store's parallelism (``workers`` GETs in flight); the faster counts;
 - scan: :meth:`dtm_ops.search.Searcher.scan` over every shard, which is what a mapped scan
   task runs: GETs, checksum, decode (worker threads), pinned host-to-device copies one batch
-  ahead (CUDA), matching, best position per frame and the top-k merge.
+  ahead (CUDA), matching (after centring on the lake's mean cell with ``--center``), best
+  position per frame and the top-k merge;
+- matcher alone: the scan's per-batch work (matching, best positions) on features already in
+  memory, so that the table shows which stage is the slowest;
+- how busy the machine's cores are during the raw read: where the S3 server shares the
+  machine, its work and the scan's compete for the same cores.
 
 The store is the S3 server (Ceph RGW on 127.0.0.1, as in bench_store.py) when ``--s3``,
 else a local folder. Target (issue 7): scan / raw read >= 0.8 where the read is the slowest
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -54,14 +60,52 @@ def fill(store: FeatureStore, frames: int, channels: int, grid: tuple[int, int],
         store.append(fp, entries, list(feats))
 
 
-def queries(n: int, scales: int, channels: int) -> list[PreparedQuery]:
+def queries(n: int, scales: int, channels: int, centred: bool = False) -> list[PreparedQuery]:
+    """Templates of ``n`` queries at ``scales`` sizes; ``centred``: with a lake mean cell, as a
+    run with mean-centred matching has (the scan then centres every batch)."""
     g = torch.Generator().manual_seed(1)
+    lake_mean = F.normalize(torch.randn(channels, generator=g), dim=0) * 0.3 if centred else None
     out = []
     for q in range(n):
         temps = [Template(f"q{q}", 0, 1.0, F.normalize(torch.randn(channels, h, w, generator=g), dim=0), (0, 0, w, h))
                  for h, w in SCALES[:scales]]
-        out.append(PreparedQuery(Query(f"q{q}", f"/queries/{q}.jpg", [(0, 0, 10, 10)]), temps, None))
+        out.append(PreparedQuery(Query(f"q{q}", f"/queries/{q}.jpg", [(0, 0, 10, 10)]), temps, None, lake_mean))
     return out
+
+
+def matcher_alone(store: FeatureStore, shards, prepared: list[PreparedQuery], device: torch.device,
+                  batch_frames: int) -> float:
+    """Seconds for the scan's per-batch work over all frames, the features already in memory."""
+    from dtm_ops.centering import center
+    from dtm_ops.matching import best_matches
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    feats = [(f.to(device), v.to(device)) for _, f, v in store.iter_shards(shards)]
+    templates = [t.features.to(device, dtype) for p in prepared for t in p.templates]
+    mu = prepared[0].lake_mean
+
+    def run() -> None:
+        for f, v in feats:
+            for s in range(0, len(f), batch_frames):
+                best_matches(center(f[s : s + batch_frames].to(dtype), mu, dim=1), templates, v[s : s + batch_frames])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    run()  # the method pick
+    return best_of(run, 2)
+
+
+def busy_during(fn) -> float:
+    """Share of the machine's CPU time that was busy while ``fn`` ran (from /proc/stat)."""
+    def ticks() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v)
+
+    idle0, all0 = ticks()
+    fn()
+    idle1, all1 = ticks()
+    return 1 - (idle1 - idle0) / max(1, all1 - all0)
 
 
 def best_of(fn, repeat: int) -> float:
@@ -82,6 +126,7 @@ def main() -> None:
     ap.add_argument("--grid", type=int, nargs=2, default=(30, 40))
     ap.add_argument("--cases", nargs="+", default=["1x1", "1x9", "16x9"], help="QUERIESxSCALES (at most 9 scales)")
     ap.add_argument("--batch-frames", type=int, default=32)
+    ap.add_argument("--center", action="store_true", help="mean-centred matching (Searcher(center=True))")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--json", help="also write one JSON line per measurement here")
     a = ap.parse_args()
@@ -114,12 +159,14 @@ def main() -> None:
         t_seq = best_of(raw_sequential, a.repeat)
         t_par = best_of(raw_parallel, a.repeat)
         t_raw = min(t_seq, t_par)
+        busy = busy_during(raw_parallel)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
         print(f"\n{'S3 server' if a.s3 else 'local folder'}: {len(shards)} shards, {total / 1e6:.0f} MB, "
               f"{a.frames} frames of {a.channels}x{a.grid[0]}x{a.grid[1]} fp16; matcher on {name}")
         print(f"  raw read, sequential GETs      : {total / 1e6 / t_seq:8.0f} MB/s {a.frames / t_seq:9.0f} frames/s")
-        print(f"  raw read, {store.workers} GETs in flight     : {total / 1e6 / t_par:8.0f} MB/s {a.frames / t_par:9.0f} frames/s")
+        print(f"  raw read, {store.workers} GETs in flight     : {total / 1e6 / t_par:8.0f} MB/s {a.frames / t_par:9.0f} frames/s"
+              f"  ({busy:.0%} of the machine's {os.cpu_count()} cores busy)")
         cuda = device.type == "cuda"
         t_reader = best_of(lambda: [None for _ in store.iter_shards(shards, pin_memory=cuda)], a.repeat)
         print(f"  reader (GET, CRC, decode{', pinned' if cuda else ''}) : {total / 1e6 / t_reader:8.0f} MB/s "
@@ -129,17 +176,19 @@ def main() -> None:
         searcher = Searcher(SimpleNamespace(device=device, stride=16), top_k=20, batch_frames=a.batch_frames)
         for case in a.cases:
             nq, ns = map(int, case.split("x"))
-            prepared = queries(nq, ns, a.channels)
+            prepared = queries(nq, ns, a.channels, a.center)
             searcher.scan(store, prepared, shards[:1])  # warm-up: the matcher's method pick
             t_scan = best_of(lambda: searcher.scan(store, prepared, shards), a.repeat)
-            label = f"scan, {nq} quer{'y' if nq == 1 else 'ies'} x {ns} scale{'s' if ns > 1 else ''}"
-            print(f"  {label:<31}: {total / 1e6 / t_scan:8.0f} MB/s {a.frames / t_scan:9.0f} frames/s  "
+            t_match = matcher_alone(store, shards, prepared, device, a.batch_frames)
+            label = f"{nq} quer{'y' if nq == 1 else 'ies'} x {ns} scale{'s' if ns > 1 else ''}"
+            print(f"  {'matcher alone, ' + label:<31}: {total / 1e6 / t_match:8.0f} MB/s {a.frames / t_match:9.0f} frames/s")
+            print(f"  {'scan, ' + label:<31}: {total / 1e6 / t_scan:8.0f} MB/s {a.frames / t_scan:9.0f} frames/s  "
                   f"scan / raw read = {t_raw / t_scan:.2f}")
             if log:
                 log.write(json.dumps({"kind": "scan", "store": "s3" if a.s3 else "local", "device": name,
-                                      "queries": nq, "scales": ns, "frames": a.frames,
+                                      "queries": nq, "scales": ns, "center": a.center, "frames": a.frames,
                                       "bytes": total, "raw_seq_s": t_seq, "raw_par_s": t_par, "reader_s": t_reader,
-                                      "scan_s": t_scan,
+                                      "raw_busy": busy, "matcher_s": t_match, "scan_s": t_scan,
                                       "ratio": t_raw / t_scan}) + "\n")
         if device.type == "cuda":  # the GPU scan (fp16, pinned copies) finds what the CPU scan (fp32) finds
             prepared = queries(1, 9, a.channels)
