@@ -5,7 +5,11 @@ set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-if [ -d .whl ]; then  # packages the GPU image lacks (efficientnet-lite code for the extraction bench)
+# Packages the GPU image lacks, as wheels in .whl/ (git-ignored; carry it): awscrt (the
+# store's CRC) and efficientnet-lite-pytorch (the extraction bench). Fetch them with
+#   .venv/bin/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux2014_x86_64 -d .whl awscrt==0.38.1 efficientnet-lite-pytorch==0.1.0
+if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
