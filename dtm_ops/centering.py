@@ -41,10 +41,11 @@ def center(x: torch.Tensor, mu: torch.Tensor | None, dim: int) -> torch.Tensor:
             with dim=0).
         mu (Tensor[C]): the mean cell; ``None`` returns ``x`` unchanged.
 
-    The scan centres every batch, so this is on its hot path: plain elementwise products
-    and sums over ``dim``. ``torch.nn.functional.normalize``'s norm over the channels of
-    NCHW features is about 6x slower on the CPU; with it, centring 32 frames took 10 ms
-    against 3 ms now, and 1 ms to match one query.
+    With centring on (``Searcher(center=True)``; off by default) the scan centres every
+    batch, so this is on its hot path: plain elementwise products and sums over ``dim``.
+    ``torch.nn.functional.normalize``'s norm over the channels of NCHW features is about 6x
+    slower on the CPU; with it, centring 32 frames took 10 ms against 3 ms now, and 1 ms to
+    match one query.
     """
     if mu is None:
         return x
