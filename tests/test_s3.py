@@ -1,5 +1,6 @@
 """S3 paths against a real S3 server (Ceph RGW on 127.0.0.1): indexing frames that live in
-S3, searching a store in S3, the server going away mid-read, and bad credentials."""
+S3, searching a store in S3, the server going away mid-read, and bad credentials; and a
+body cut off mid-stream (against a loopback HTTP server that does it)."""
 
 from __future__ import annotations
 
@@ -108,3 +109,51 @@ def test_missing_bucket_is_named(s3_server):
     store = FeatureStore.open("s3://no-such-bucket-dtm/f", s3_config=s3_server.config(max_attempts=1))
     with pytest.raises(FeatureStoreError, match="bucket 'no-such-bucket-dtm' does not exist"):
         store.append(FP, *_frames(1))
+
+
+def test_a_body_cut_off_mid_stream_is_fetched_again(tmp_path):
+    """Ranged reads go straight from the socket into the buffer, under urllib3's own checks:
+    a server that closes the connection halfway through a body gets asked again, and the
+    buffer ends up whole. (A loopback HTTP server that cuts its first answer: Ceph cannot be
+    made to.)"""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from dtm_ops.store.objects import S3Config, S3ObjectStore
+
+    data = bytes(range(256)) * 64
+    requests = []
+
+    class CutFirst(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):  # noqa: N802 - the http.server interface
+            first, last = map(int, self.headers["Range"].removeprefix("bytes=").split("-"))
+            body = data[first : last + 1]
+            requests.append((self.path, first, last))
+            self.send_response(206)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Range", f"bytes {first}-{last}/{len(data)}")
+            self.end_headers()
+            if len(requests) == 1:
+                self.wfile.write(body[: len(body) // 2])
+                self.close_connection = True
+                return
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), CutFirst)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cfg = S3Config(endpoint_url=f"http://127.0.0.1:{server.server_port}", region="us-east-1",
+                       access_key="k", secret_key="s", max_attempts=3, read_timeout=5.0)
+        objects = S3ObjectStore("bucket", "p", cfg)
+        out = bytearray(3000)
+        objects.read_into("blob", memoryview(out), 1000)
+        assert bytes(out) == data[1000:4000]
+        assert [r[1:] for r in requests] == [(1000, 3999), (1000, 3999)]
+        assert requests[0][0].endswith("/bucket/p/blob")
+    finally:
+        server.shutdown()

@@ -19,10 +19,11 @@ runs no code, unlike pickle / ``torch.load``) with tensors
     scales    Tensor[N, 1, H, W]  float16, int8 only: features = int8 * scales / 127
     valid     Tensor[N, 2]        int32, valid (rows, cols) of cells per frame
 
-Each manifest is a full snapshot: per shard its sha256, CRC-64/NVME, byte size, grid and frames (frame
-id, source URI, sequence and index, original width/height, valid cells, resize scale),
-with the feature fingerprint, dtype, format version and its own version number. It is
-gzip-compressed JSON.
+Each manifest is a full snapshot: per shard its sha256, CRC-64/NVME, byte size, grid and
+frames (frame id, source URI, sequence and index, original width/height, valid cells,
+resize scale), with the feature fingerprint, dtype, format version and its own version
+number. It is gzip-compressed JSON. Readers ignore fields they do not know, so the CRC
+(added after version 1 shipped) did not need a new format version.
 """
 
 from __future__ import annotations

@@ -31,6 +31,10 @@ class AlreadyExists(FeatureStoreError):
     """An exclusive put found the key taken."""
 
 
+class ShortRead(FeatureStoreError):
+    """An object ended before the bytes asked for (over S3: the body was cut off)."""
+
+
 class BadKey(FeatureStoreError):
     """A key that could name something outside the store's root."""
 
@@ -75,7 +79,7 @@ def _fill(readinto, out: memoryview, what: str, offset: int) -> None:
     while done < len(out):
         n = readinto(out[done:])
         if not n:
-            raise FeatureStoreError(f"{what}: object ends at byte {offset + done}, {len(out) - done} bytes short")
+            raise ShortRead(f"{what}: object ends at byte {offset + done}, {len(out) - done} bytes short")
         done += n
 
 
@@ -307,11 +311,10 @@ class S3ObjectStore:
                 raise self._fail(key, exc, "GET") from None
             try:
                 return read(response)
-            except FeatureStoreError:
-                response["Body"].close()
-                raise
             except Exception as exc:  # noqa: BLE001 - the body was cut off mid-stream: try again
                 response["Body"].close()
+                if isinstance(exc, FeatureStoreError) and not isinstance(exc, ShortRead):
+                    raise  # a wrong answer (a Range ignored): asking again will not help
                 if attempt + 1 == self.config.max_attempts:
                     raise self._fail(key, exc, "GET") from None
                 time.sleep(min(2.0, 0.1 * 2**attempt))
