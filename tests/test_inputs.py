@@ -156,8 +156,13 @@ def test_calibration_reads_a_bounded_number_of_shards(tmp_path, random_extractor
         feats = [torch.nn.functional.normalize(torch.randn(random_extractor.channels, 4, 6, generator=g), dim=0) for _ in entries]
         store.append(random_extractor.fingerprint, entries, feats)
     read: list[str] = []
-    get = store.objects.get
-    store.objects.get = lambda key, byte_range=None: (read.append(key), get(key, byte_range))[1]
+    read_into = store.objects.read_into
+
+    def watched(key, out, offset=0):
+        read.append(key)
+        read_into(key, out, offset)
+
+    store.objects.read_into = watched
     image = tmp_path / "q.jpg"
     Image.new("RGB", (96, 64), (90, 30, 200)).save(image)
     prepared = Searcher(random_extractor, calibration_frames=64).prepare([Query("q", str(image), [(10, 10, 50, 40)])], store)
