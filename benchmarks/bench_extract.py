@@ -11,11 +11,11 @@ features' copy back to the host, as in indexing.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from dtm_ops.features import FeatureExtractor
+from timing import best_of
 
 
 def main() -> None:
@@ -31,13 +31,10 @@ def main() -> None:
     print(f"\n{torch.cuda.get_device_name()}: extraction of {a.batch} frames of 1920x1080 per batch")
     for backbone, layer in (("efficientnet_lite0", "block_s16"), ("resnet50", "layer3")):
         ex = FeatureExtractor(backbone, layer, long_side=1920, weights="random", device="cuda", batch_size=a.batch)
-        ex._forward(pixels, sizes, project=False)  # warm-up (cuDNN picks its kernels)
-        torch.cuda.synchronize()
-        best = float("inf")
-        for _ in range(a.repeat):
-            t = time.perf_counter()
-            f = ex._forward(pixels, sizes, project=False)
-            best = min(best, time.perf_counter() - t)
+        # the warm-up lets cuDNN pick its kernels
+        best = best_of(lambda: ex._forward(pixels, sizes, project=False), a.repeat, torch.cuda.synchronize,
+                       warm_up=True)
+        f = ex._forward(pixels[:1], sizes[:1], project=False)
         print(f"  {backbone}/{layer}: {a.batch / best:7.0f} frames/s, features {tuple(f.shape[1:])}")
 
 

@@ -19,14 +19,17 @@ and its share of the HBM read bandwidth measured in the same run.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import time
 
 import torch
 import torch.nn.functional as F
 
 from dtm_ops import matching
 from dtm_ops.matching import best_matches, position_mask
+from timing import best_of
+
+timeit = functools.partial(best_of, warm_up=True)
 
 CPU_GRID = (30, 40)
 CPU_CHANNELS = 112
@@ -69,18 +72,6 @@ def naive(features: torch.Tensor, templates: list[torch.Tensor]) -> torch.Tensor
             x = F.pad(f.float()[None], (w // 2, w // 2, h // 2, h // 2))
             out[k, n] = F.conv2d(x, t32).max() / (h * w)
     return out
-
-
-def timeit(fn, repeat: int, sync) -> float:
-    fn()  # warm-up
-    sync()
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def reference(features: torch.Tensor, templates: list[torch.Tensor]) -> torch.Tensor:

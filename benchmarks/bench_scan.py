@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +43,7 @@ from dtm_ops.store import FeatureStore
 from dtm_ops.store.feature_store import SHARDS
 from dtm_ops.store.format import FrameEntry
 from dtm_ops.templates import Template
+from timing import best_of
 
 REPO = Path(__file__).resolve().parents[1]
 SCALES = [(4, 3), (2, 1), (3, 2), (6, 4), (8, 6), (11, 8), (12, 9), (14, 10), (16, 12)]  # one ROI; the first n
@@ -108,15 +108,6 @@ def busy_during(fn) -> float:
     return 1 - (idle1 - idle0) / max(1, all1 - all0)
 
 
-def best_of(fn, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--s3", action="store_true", help="use the S3 server (DTM_S3_ENDPOINT or a Ceph one started here)")
@@ -132,7 +123,6 @@ def main() -> None:
     a = ap.parse_args()
     folder = None
     if a.s3:
-        sys.path.insert(0, str(REPO / "benchmarks"))
         from bench_store import server_config
 
         cfg, folder = server_config()

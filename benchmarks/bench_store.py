@@ -28,6 +28,7 @@ from dtm_ops.projection import Projection
 from dtm_ops.store import FeatureStore, S3Config
 from dtm_ops.store.feature_store import SHARDS
 from dtm_ops.store.format import FrameEntry, decode_shard, encode_shard
+from timing import best_of
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,8 +79,8 @@ def read_throughput(cfg: S3Config, extractor, feats, ffs, repeat: int) -> None:
         for _ in reader.iter_shards(shards):
             pass
 
-    t_raw = min(_time(raw) for _ in range(repeat))
-    t_stream = min(_time(streamed) for _ in range(repeat))
+    t_raw = best_of(raw, repeat)
+    t_stream = best_of(streamed, repeat)
     mb = total / 1e6
     print(f"\nread {len(shards)} shards, {mb:.0f} MB, {len(entries)} frames (best of {repeat})")
     print(f"  raw get_object, sequential : {mb / t_raw:8.1f} MB/s  {len(entries) / t_raw:8.0f} frames/s")
@@ -136,12 +137,6 @@ def _entry(data: bytes, n: int, grid):
 
     frames = tuple(FrameEntry(f"f{i}", "", "", i, 0, 0, (0, 0), 1.0) for i in range(n))
     return ShardEntry("bench", hashlib.sha256(data).hexdigest(), len(data), tuple(grid), frames, crc64nvme(data))
-
-
-def _time(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def main() -> None:

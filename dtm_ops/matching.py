@@ -253,9 +253,9 @@ def patchwise_cosine(
 
     Templates of one size are matched together. fp16 inputs multiply in fp16 with fp32
     accumulation; the sums over template cells are fp16 and the means fp32 (the error
-    stays within fp16 tolerance of the reference). When the ``"fold"`` products would
-    exceed ``max_bytes`` (many queries, large scales), templates go in chunks and frames
-    in halves: the maps are the same.
+    stays within fp16 tolerance of the reference). When the products of ``"fold"`` or
+    ``"slices"`` would exceed ``max_bytes`` (many queries, large scales), templates and
+    frames go in chunks (:func:`product_chunks`): the maps are the same.
     """
     _check(features, templates, valid)
     if method not in METHODS:

@@ -157,3 +157,23 @@ def test_a_body_cut_off_mid_stream_is_fetched_again(tmp_path):
         assert requests[0][0].endswith("/bucket/p/blob")
     finally:
         server.shutdown()
+
+
+def test_a_body_without_the_http_layer_underneath_is_read_by_copy():
+    """Where botocore's body is not urllib3 over http.client (another transport), the ranged
+    read falls back to ``read()`` and a copy; a length that is not the one asked for is
+    refused, not retried."""
+    import io
+
+    from botocore.response import StreamingBody
+
+    from dtm_ops.store.objects import _read_body_into
+
+    data = bytes(range(200))
+    out = bytearray(100)
+    _read_body_into({"ContentLength": 100, "Body": StreamingBody(io.BytesIO(data[50:150]), 100)},
+                    memoryview(out), "s3://b/p: blob", 50)
+    assert bytes(out) == data[50:150]
+    with pytest.raises(FeatureStoreError, match=r"s3://b/p: blob: GET of 100 bytes from byte 50 answered 200"):
+        _read_body_into({"ContentLength": 200, "Body": StreamingBody(io.BytesIO(data), 200)},
+                        memoryview(out), "s3://b/p: blob", 50)
