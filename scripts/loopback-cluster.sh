@@ -25,17 +25,25 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 start_proc() {  # name, command...: a detached process group with its pid in DIR/pids/
   local name=$1; shift
   mkdir -p "$DIR/logs" "$DIR/pids"
+  # a new file, not the old one truncated: a process left from an earlier start that still
+  # writes to the old file writes at its own offset and would bury the fresh log's lines
+  rm -f "$DIR/logs/$name.log"
   setsid "$@" >"$DIR/logs/$name.log" 2>&1 < /dev/null &
   echo $! > "$DIR/pids/$name"
 }
 
-stop_proc() {  # name [signal]
+stop_proc() {  # name [signal]: the process and everything it started, as a lost machine loses them
   local f="$DIR/pids/$1" sig=${2:-TERM}
   [ -f "$f" ] || return 0
   local pid; pid=$(cat "$f")
+  # setsid made the process a session leader. Airflow puts each task process in a process
+  # group of its own (so that it can kill the task's tree), so killing the group alone would
+  # leave a running task behind; the session holds them all.
   kill "-$sig" -- "-$pid" 2>/dev/null || kill "-$sig" "$pid" 2>/dev/null || true
-  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+  pkill "-$sig" -s "$pid" 2>/dev/null || true
+  for _ in $(seq 50); do pgrep -s "$pid" >/dev/null 2>&1 || kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
   kill -KILL -- "-$pid" 2>/dev/null || true
+  pkill -KILL -s "$pid" 2>/dev/null || true
   rm -f "$f"
 }
 

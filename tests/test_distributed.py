@@ -49,9 +49,10 @@ class Cluster(AirflowClient):
         super().__init__(settings["AIRFLOW__API__BASE_URL"], {"admin": ("admin", "admin")})
         self.folder, self.env = folder, env
 
-    def log(self, name: str) -> str:
+    def log(self, name: str, tail: int | None = 3000) -> str:
         p = self.folder / "logs" / f"{name}.log"
-        return p.read_text(errors="replace")[-3000:] if p.exists() else ""
+        text = p.read_text(errors="replace") if p.exists() else ""
+        return text[-tail:] if tail else text
 
     def log_tail(self, n: int = 3000) -> str:
         return self.log("scheduler")[-n:]
@@ -75,7 +76,7 @@ class Cluster(AirflowClient):
     def wait_worker(self, name: str, timeout: float = 120) -> None:
         """A (re)started worker's fresh log says it is ready."""
         deadline = time.time() + timeout
-        while "ready." not in self.log(f"worker-{name}"):
+        while "ready." not in self.log(f"worker-{name}", tail=None):
             assert time.time() < deadline, self.log(f"worker-{name}")
             time.sleep(1)
 
@@ -170,7 +171,11 @@ def test_a_gpu_worker_killed_mid_scan_is_retried_and_nothing_is_pushed_twice(clu
         assert time.time() < deadline, cluster.log("scheduler")
         time.sleep(0.2)
     killed_at = time.time()
+    session = (cluster.folder / "pids" / "worker-gpu").read_text().strip()
     _script("kill-worker", str(cluster.folder), "gpu", env=cluster.env)
+    # a lost machine loses its task processes too (Airflow gives each a process group of its own)
+    left = subprocess.run(["pgrep", "-s", session], capture_output=True, text=True).stdout.split()
+    assert not left, f"processes of the killed worker still run: {left}"
     time.sleep(2)
     _script("start-worker", str(cluster.folder), "gpu", env=cluster.env)  # a fresh log: "ready." once up
     cluster.wait_worker("gpu")
