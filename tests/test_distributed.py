@@ -61,7 +61,7 @@ class Cluster(AirflowClient):
         """Scheduler and DAG processor healthy, the DAG parsed, both workers ready."""
         deadline = time.time() + timeout
         while True:
-            logs = {w: self.log(f"worker-{w}") for w in ("cpu", "gpu")}
+            logs = {w: self.log(f"worker-{w}", tail=None) for w in ("cpu", "gpu")}
             try:
                 _, health = self.api("GET", "/api/v2/monitor/health")
                 up = health["scheduler"]["status"] == "healthy" and health["dag_processor"]["status"] == "healthy"
@@ -70,7 +70,7 @@ class Cluster(AirflowClient):
                 up = False
             if up and all(f"{w}@" in text and "ready." in text for w, text in logs.items()):
                 return
-            assert time.time() < deadline, f"cluster not ready:\n{logs}\n{self.log('scheduler')}"
+            assert time.time() < deadline, f"cluster not ready:\n{ {w: t[-3000:] for w, t in logs.items()} }\n{self.log('scheduler')}"
             time.sleep(2)
 
     def wait_worker(self, name: str, timeout: float = 120) -> None:
