@@ -38,6 +38,13 @@ class FrameFeatures:
     size: tuple[int, int]
 
 
+#: Images per forward pass on the CPU. Batching there is slower, not faster: each layer's
+#: output for a batch is larger than the caches, and large fresh allocations cost a page
+#: fault per 4 KiB. EfficientNet-Lite0 at 640x288 on 2 cores: 35 frames/s one at a time,
+#: 20 in batches of 8 (``benchmarks/bench_extract.py``). GPUs take the whole batch.
+CPU_FORWARD_BATCH = 1
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -67,9 +74,7 @@ class FeatureExtractor:
         batch_size: int = 8,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
-        self.net = backbones.build(backbone, layer, weights).to(self.device)
-        if self.device.type == "cuda":
-            self.net = self.net.to(memory_format=torch.channels_last)
+        self.net = backbones.build(backbone, layer, weights).to(self.device, memory_format=torch.channels_last)
         self.preprocess = Preprocess(long_side=long_side, multiple=max(32, self.net.stride))
         self.projection = projection
         self.batch_size = batch_size
@@ -106,12 +111,12 @@ class FeatureExtractor:
         for n, (w, h) in enumerate(sizes):  # padding is mean grey after normalisation
             x[n, :, h:, :] = 0
             x[n, :, :, w:] = 0
+        x = x.contiguous(memory_format=torch.channels_last)
         if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.float16):
                 f = self.net(x)
-        else:
-            f = self.net(x)
+        else:  # one image at a time: see CPU_FORWARD_BATCH
+            f = torch.cat([self.net(x[i : i + CPU_FORWARD_BATCH]) for i in range(0, len(x), CPU_FORWARD_BATCH)])
         f = torch.nn.functional.normalize(f.float(), dim=1)
         if project and self.projection is not None:
             f = self.projection(f)
@@ -119,7 +124,7 @@ class FeatureExtractor:
             rows, cols = self.valid_cells(size)
             f[n, :, rows:, :] = 0
             f[n, :, :, cols:] = 0
-        return f.cpu()
+        return f.contiguous().cpu()  # NCHW, whatever layout the network left
 
     def extract_prepared(self, prepared: Sequence[Prepared], *, project: bool = True) -> list[torch.Tensor]:
         """Features of prepared images, each ``Tensor[C, Hc, Wc]`` float32.

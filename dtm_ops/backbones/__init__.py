@@ -1,7 +1,8 @@
 """Registry of feature extractors ("backbones"), by name.
 
 A backbone is an ``nn.Module`` that maps normalised pixels ``Tensor[N, 3, H, W]`` to one
-layer's feature map ``Tensor[N, C, H / stride, W / stride]``. Each builder takes the layer
+layer's feature map ``Tensor[N, C, H / stride, W / stride]``, and whose ``fuse()`` rewrites it
+for inference (:mod:`dtm_ops.backbones.fusion`). Each builder takes the layer
 name and a ``weights`` argument: ``None`` for the packaged default weights, a path to a
 local weights file, or the string ``"random"`` to ask explicitly for random weights
 (tests). Weights are never downloaded and never silently random.
@@ -59,12 +60,15 @@ def get(name: str) -> BackboneInfo:
         raise ValueError(f"unknown backbone {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
 
 
-def build(name: str, layer: str | None = None, weights: str | None = None) -> "nn.Module":
-    """Build backbone ``name`` cut at ``layer`` (default: the backbone's default layer).
+def build(name: str, layer: str | None = None, weights: str | None = None, *, fuse: bool = True) -> "nn.Module":
+    """Build backbone ``name`` cut at ``layer`` (default: the backbone's default layer), in
+    eval mode.
 
     The returned module has attributes ``name``, ``layer``, ``channels``, ``stride``,
     ``weights_id`` (sha256 of the weights file, or ``"random"``) and a ``normalize``
-    method mapping RGB pixels in 0..255 to the network's input range.
+    method mapping RGB pixels in 0..255 to the network's input range. ``fuse``: batch
+    norms folded into convolutions and similar rewrites for inference
+    (:mod:`dtm_ops.backbones.fusion`); the same function up to float rounding.
     """
     info = get(name)
     layer = layer or info.default_layer
@@ -75,7 +79,10 @@ def build(name: str, layer: str | None = None, weights: str | None = None) -> "n
     module.layer = layer
     module.channels = info.layers[layer].channels
     module.stride = info.layers[layer].stride
-    return module.eval()
+    module.eval()
+    if fuse:
+        module.fuse()
+    return module
 
 
 _HASHES: dict[tuple[str, float, int], str] = {}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 
-from dtm_ops.backbones import RANDOM, BackboneInfo, LayerSpec, file_sha256, load_state_dict, register
+from dtm_ops.backbones import RANDOM, BackboneInfo, LayerSpec, file_sha256, fusion, load_state_dict, register
 from dtm_ops.errors import WeightsError
 
 MODEL = "efficientnet-lite0"
@@ -77,6 +77,18 @@ def _build(layer: str, weights: str | None):
             for block in self.blocks[: self.last_block + 1]:
                 x = block(x)  # inference: no drop-connect
             return self.head(x) if self.use_head else x
+
+        def fuse(self) -> None:
+            """Batch norms folded, stride-1 padding static, ReLU6 in place
+            (:mod:`dtm_ops.backbones.fusion`); eval mode only."""
+            fusion.fold_sequential(self.stem)
+            fusion.fold_sequential(self.head)
+            for block in self.blocks:
+                if block._block_args.expand_ratio != 1:
+                    fusion.fold(block, "_expand_conv", "_bn0")
+                fusion.fold(block, "_depthwise_conv", "_bn1")
+                fusion.fold(block, "_project_conv", "_bn2")
+            fusion.clamp_in_place(self)
 
     features = _LiteFeatures()
     if layer == "head_os16":

@@ -6,7 +6,7 @@ path (e.g. ``resnet50-0676ba61.pth``) or ``"random"`` explicitly.
 
 from __future__ import annotations
 
-from dtm_ops.backbones import RANDOM, BackboneInfo, LayerSpec, file_sha256, load_state_dict, register
+from dtm_ops.backbones import RANDOM, BackboneInfo, LayerSpec, file_sha256, fusion, load_state_dict, register
 from dtm_ops.errors import WeightsError
 
 _IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -53,6 +53,18 @@ def _resnet_builder(arch: str):
 
             def forward(self, x: "torch.Tensor") -> "torch.Tensor":
                 return self.body(x)
+
+            def fuse(self) -> None:
+                """Batch norms folded into their convolutions (:mod:`dtm_ops.backbones.fusion`);
+                eval mode only. torchvision's ReLUs already work in place."""
+                fusion.fold_sequential(self.body)
+                for stage in self.body[4:]:
+                    for block in stage:
+                        for i in (1, 2, 3):
+                            if hasattr(block, f"bn{i}"):
+                                fusion.fold(block, f"conv{i}", f"bn{i}")
+                        if block.downsample is not None:
+                            fusion.fold_sequential(block.downsample)
 
         return _ResNetFeatures()
 
