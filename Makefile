@@ -13,3 +13,4 @@ test: setup
 bench: setup
 	.venv/bin/python benchmarks/bench_matcher.py
 	.venv/bin/python benchmarks/bench_store.py
+	.venv/bin/python benchmarks/bench_extract.py

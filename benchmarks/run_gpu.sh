@@ -18,4 +18,4 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", tr
 timeout 300 python3 benchmarks/bench_matcher.py --skip-cpu --json "$OUT/matcher.jsonl" 2>&1 | tee "$OUT/matcher.txt"
 DTM_PREFETCH_MB=4096 timeout 150 python3 benchmarks/bench_scan.py --frames 512 --per-shard 64 --channels 256 --grid 68 120 \
   --cases 1x1 1x9 16x9 --batch-frames 64 --json "$OUT/scan.jsonl" 2>&1 | tee "$OUT/scan.txt"
-[ "${SKIP_EXTRACT:-0}" = 1 ] || timeout 90 python3 benchmarks/bench_extract.py 2>&1 | tee "$OUT/extract.txt"
+[ "${SKIP_EXTRACT:-0}" = 1 ] || timeout 150 python3 benchmarks/bench_extract.py 2>&1 | tee "$OUT/extract.txt"
