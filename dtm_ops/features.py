@@ -147,9 +147,19 @@ class FeatureExtractor:
 
     def extract(self, images: Sequence[Image.Image], *, project: bool = True) -> list[FrameFeatures]:
         """Frame features at the frame scale of the preprocessing policy."""
-        prepared = [self.preprocess(im) for im in images]
-        feats = self.extract_prepared(prepared, project=project)
+        return self.extract_frames([self.prepare_frame(im) for im in images], project=project)
+
+    def prepare_frame(self, image: Image.Image) -> tuple[Prepared, tuple[int, int]]:
+        """A frame preprocessed at the frame scale, with its original ``(width, height)``:
+        the CPU half of :meth:`extract`, which indexing runs on worker threads."""
+        return self.preprocess(image), image.size
+
+    def extract_frames(
+        self, frames: Sequence[tuple[Prepared, tuple[int, int]]], *, project: bool = True
+    ) -> list[FrameFeatures]:
+        """Features of frames made by :meth:`prepare_frame`."""
+        feats = self.extract_prepared([p for p, _ in frames], project=project)
         return [
-            FrameFeatures(features=f, valid=self.valid_cells(p.size), scale=p.scale, size=im.size)
-            for f, p, im in zip(feats, prepared, images)
+            FrameFeatures(features=f, valid=self.valid_cells(p.size), scale=p.scale, size=size)
+            for f, (p, size) in zip(feats, frames)
         ]

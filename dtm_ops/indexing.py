@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from contextlib import closing
 from dataclasses import dataclass
 
 import torch
 
 from dtm_ops.errors import FeatureStoreError
 from dtm_ops.features import FeatureExtractor
-from dtm_ops.media import FrameRef, load_frames
+from dtm_ops.media import FrameRef, load_frames, map_frames
 from dtm_ops.projection import Projection
 from dtm_ops.store.format import FrameEntry
 from dtm_ops.store import FeatureStore
@@ -66,11 +68,17 @@ def index_frames(
     dtype: str = "float16",
     pca_dim: int | None = None,
     progress: bool = False,
+    loader_workers: int | None = None,
 ) -> IndexReport:
     """Extract features of the frames not yet in ``store`` and append them as shards.
 
     Re-running on the same frames adds nothing. ``pca_dim`` fits a projection on the
-    first run (a store keeps its projection: later runs reuse it).
+    first run (a store keeps its projection: later runs reuse it). ``loader_workers``:
+    threads that read, decode and preprocess frames ahead of the network
+    (:func:`dtm_ops.media.map_frames`). Default: with the network on a GPU, one per core
+    (at most 8); on the CPU 1, frames loaded before each batch, since the network keeps
+    every core busy there and loading beside it made indexing slower
+    (``benchmarks/bench_index.py``).
     """
     from tqdm import tqdm
 
@@ -87,14 +95,16 @@ def index_frames(
             extractor.projection = fit_projection(extractor, refs, pca_dim)
             store.save_projection(extractor.projection)
     todo = [r for r in refs if r.frame_id not in have]
+    if loader_workers is None:
+        loader_workers = min(8, os.cpu_count() or 1) if extractor.device.type == "cuda" else 1
     fp = extractor.fingerprint
     shards = 0
     entries: list[FrameEntry] = []
     feats: list[torch.Tensor] = []
-    images, pending = [], []
+    frames, pending = [], []
 
     def flush_batch() -> None:
-        for ref, ff in zip(pending, extractor.extract(images)):
+        for ref, ff in zip(pending, extractor.extract_frames(frames)):
             entries.append(
                 FrameEntry(
                     frame_id=ref.frame_id,
@@ -108,7 +118,7 @@ def index_frames(
                 )
             )
             feats.append(ff.features)
-        images.clear()
+        frames.clear()
         pending.clear()
 
     def flush_shard() -> None:
@@ -117,16 +127,18 @@ def index_frames(
         entries.clear()
         feats.clear()
 
-    with tqdm(total=len(todo), unit="frame", disable=not progress, desc="index") as bar:
-        for ref, image in load_frames(todo):
-            images.append(image)
+    # reading, decoding and preprocessing, on worker threads ahead of the network on a GPU
+    loaded = map_frames(todo, extractor.prepare_frame, workers=loader_workers, ahead=2 * extractor.batch_size)
+    with closing(loaded), tqdm(total=len(todo), unit="frame", disable=not progress, desc="index") as bar:
+        for ref, frame in loaded:
+            frames.append(frame)
             pending.append(ref)
-            if len(images) == extractor.batch_size:
+            if len(frames) == extractor.batch_size:
                 flush_batch()
                 bar.update(extractor.batch_size)
             if len(entries) >= shard_frames:
                 flush_shard()
-        n = len(images)
+        n = len(frames)
         flush_batch()
         bar.update(n)
         if entries:

@@ -8,11 +8,17 @@ names used in results and stores. S3 is reached with the default S3 settings
 
 from __future__ import annotations
 
+import functools
 import os
+import queue
 import re
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from PIL import Image, UnidentifiedImageError
 
@@ -21,6 +27,7 @@ from dtm_ops.errors import InputError
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
 _FRAME_RE = re.compile(r"^(?P<path>.+)#frame=(?P<index>\d+)$")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -43,10 +50,19 @@ class FrameRef:
 
 def _s3(uri: str):
     """``s3://bucket/key`` -> (object store of the bucket, key)."""
-    from dtm_ops.store.objects import S3ObjectStore, default_s3_config
+    from dtm_ops.store.objects import default_s3_config
 
     bucket, _, key = uri[5:].partition("/")
-    return S3ObjectStore(bucket, "", default_s3_config()), key
+    return _bucket(bucket, default_s3_config()), key
+
+
+@functools.lru_cache(maxsize=16)
+def _bucket(bucket: str, config):
+    """One store (so one boto3 client, thread-safe) per bucket and S3 settings: a client
+    costs tens of milliseconds to create, more than reading a frame."""
+    from dtm_ops.store.objects import S3ObjectStore
+
+    return S3ObjectStore(bucket, "", config)
 
 
 def open_image(path: str | os.PathLike, *, record: object = None, field: str = "image") -> Image.Image:
@@ -184,11 +200,70 @@ def _image_ref(rel: Path, source: str, top: str, position: int) -> FrameRef:
 
 def load_frames(refs: list[FrameRef]) -> Iterator[tuple[FrameRef, Image.Image]]:
     """Decode frames in order, reading each video once rather than once per frame."""
+    for ref, read in _frame_reads(refs):
+        yield ref, read()
+
+
+def map_frames(
+    refs: list[FrameRef], fn: Callable[[Image.Image], T], *, workers: int = 4, ahead: int = 16
+) -> Iterator[tuple[FrameRef, T]]:
+    """``(ref, fn(image))`` for each frame, in the order of ``refs``, computed ahead of the
+    caller: image files are read, decoded and passed to ``fn`` on ``workers`` threads, at
+    most ``ahead`` frames ahead. A video is decoded one frame after another, by FFmpeg's
+    own threads, on a reader thread that hands each frame to the workers for ``fn``.
+
+    A frame that cannot be read raises its :class:`InputError` where that frame would
+    have been yielded; frames after it are not yielded. Stopping early stops the threads.
+    """
+    if workers <= 1:
+        for ref, image in load_frames(refs):
+            yield ref, fn(image)
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="dtm-frames")
+    slots = threading.Semaphore(max(1, ahead))
+    done = threading.Event()
+    order: queue.Queue = queue.Queue()  # (ref, future), then None; or (None, the reader's error)
+
+    def reader() -> None:
+        try:
+            with closing(_frame_reads(refs)) as reads:  # closing: a video open when stopped early
+                for ref, read in reads:  # video frames are decoded here, images in `read`
+                    while not slots.acquire(timeout=0.1):
+                        if done.is_set():
+                            return
+                    if done.is_set():
+                        return
+                    order.put((ref, pool.submit(lambda r=read: fn(r()))))
+            order.put(None)
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread, in order
+            order.put((None, exc))
+
+    thread = threading.Thread(target=reader, name="dtm-frames-reader", daemon=True)
+    thread.start()
+    try:
+        while (item := order.get()) is not None:
+            ref, fut = item
+            if ref is None:
+                raise fut
+            result = fut.result()
+            slots.release()
+            yield ref, result
+    finally:
+        done.set()
+        thread.join()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _frame_reads(refs: list[FrameRef]) -> Iterator[tuple[FrameRef, Callable[[], Image.Image]]]:
+    """``(ref, read)`` in order: ``read()`` returns the frame. Image files are read when
+    ``read`` is called; each video is decoded once, in order, by this generator (its
+    frames' ``read`` returns the decoded image)."""
     i = 0
     while i < len(refs):
         m = _FRAME_RE.match(refs[i].source)
         if not m:
-            yield refs[i], open_image(refs[i].source, record=refs[i].frame_id)
+            ref = refs[i]
+            yield ref, functools.partial(open_image, ref.source, record=ref.frame_id)
             i += 1
             continue
         video = m["path"]
@@ -203,10 +278,14 @@ def load_frames(refs: list[FrameRef]) -> Iterator[tuple[FrameRef, Image.Image]]:
         last = max(wanted)
         for idx, image in iter_video(video, record=refs[i].frame_id):
             if idx in wanted:
-                yield wanted.pop(idx), image
+                yield wanted.pop(idx), functools.partial(_same, image)
             if idx >= last:
                 break
         if wanted:
             missing = sorted(wanted)[:5]
             raise InputError(f"video ended before frames {missing}", source=video, field="frame")
         i = j
+
+
+def _same(image: Image.Image) -> Image.Image:
+    return image
