@@ -40,8 +40,9 @@ class FrameFeatures:
 
 #: Images per forward pass on the CPU. Batching there is slower, not faster: each layer's
 #: output for a batch is larger than the caches, and large fresh allocations cost a page
-#: fault per 4 KiB. EfficientNet-Lite0 at 640x288 on 2 cores: 35 frames/s one at a time,
-#: 20 in batches of 8 (``benchmarks/bench_extract.py``). GPUs take the whole batch.
+#: fault per 4 KiB. EfficientNet-Lite0 at 640x288 on 2 cores: 38.4 frames/s one at a
+#: time, 21.7 in batches of 8 (``benchmarks/bench_extract.py``, ``extract-cpu.txt``).
+#: GPUs take the whole batch.
 CPU_FORWARD_BATCH = 1
 
 
