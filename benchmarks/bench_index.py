@@ -73,7 +73,8 @@ def main() -> None:
         refs, what = list_frames(folder), f"generated {a.synthetic[0]}x{a.synthetic[1]} JPEGs"
     else:
         lake = build_lake(os.path.join(tempfile.gettempdir(), "dtm-bench-lake"))
-        refs = list_frames(lake)[:: max(1, len(list_frames(lake)) // a.frames)][: a.frames]
+        every = list_frames(lake)
+        refs = every[:: max(1, len(every) // a.frames)][: a.frames]
         what = f"demo lake JPEGs ({lake})"
     n = len(refs)
     ex = FeatureExtractor(weights=a.weights)

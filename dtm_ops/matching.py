@@ -19,6 +19,7 @@ positions that break the rule hold ``-inf``.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 
@@ -166,15 +167,11 @@ def _group_conv(features: torch.Tensor, group: torch.Tensor, max_bytes: int = MA
     return nn.functional.conv2d(padded, group.contiguous(memory_format=torch.channels_last))
 
 
-def _group_fold(features: torch.Tensor, group: torch.Tensor, max_bytes: int = MAX_PRODUCT_BYTES) -> torch.Tensor:
-    return _group_products(features, group, max_bytes, _fold_sum)
-
-
-def _group_slices(features: torch.Tensor, group: torch.Tensor, max_bytes: int = MAX_PRODUCT_BYTES) -> torch.Tensor:
-    return _group_products(features, group, max_bytes, _slice_sum)
-
-
-_GROUP_METHODS = {"fold": _group_fold, "slices": _group_slices, "conv": _group_conv}
+_GROUP_METHODS = {
+    "fold": functools.partial(_group_products, shifted_sum=_fold_sum),
+    "slices": functools.partial(_group_products, shifted_sum=_slice_sum),
+    "conv": _group_conv,
+}
 
 
 def _fastest(key: tuple, candidates: dict, args: tuple, warm_up: tuple):

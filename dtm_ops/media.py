@@ -278,14 +278,10 @@ def _frame_reads(refs: list[FrameRef]) -> Iterator[tuple[FrameRef, Callable[[], 
         last = max(wanted)
         for idx, image in iter_video(video, record=refs[i].frame_id):
             if idx in wanted:
-                yield wanted.pop(idx), functools.partial(_same, image)
+                yield wanted.pop(idx), lambda image=image: image
             if idx >= last:
                 break
         if wanted:
             missing = sorted(wanted)[:5]
             raise InputError(f"video ended before frames {missing}", source=video, field="frame")
         i = j
-
-
-def _same(image: Image.Image) -> Image.Image:
-    return image
