@@ -7,7 +7,8 @@ by side in one run.
   static padding, in-place ReLU6), channels-last, the whole batch;
 - the extractor: :meth:`FeatureExtractor._forward` as indexing runs it: normalisation,
   the fused network (on the CPU one image at a time, ``CPU_FORWARD_BATCH``; on CUDA the
-  batch, in fp16 autocast), per-cell normalisation and the features' copy to the host.
+  batch, in fp16 autocast), per-cell normalisation and the features' copy to the host, in
+  float16 as the default feature store keeps them.
 
 Random pixels (speed does not depend on them), the packaged EfficientNet-Lite0 weights
 where installed (and ResNet-50 with random weights on CUDA). On the CPU the frames are what the demo's
@@ -67,7 +68,7 @@ def main() -> None:
         runs = {
             "network as built, NCHW, whole batch": lambda: net(plain, False),
             "fused, channels-last, whole batch": lambda: net(ex.net, True),
-            "extractor (_forward)": lambda: ex._forward(pixels, sizes, project=False),
+            "extractor (_forward)": lambda: ex._forward(pixels, sizes, False, torch.float16),
         }
         want = net(plain, False).float()
         got = net(ex.net, True).float()

@@ -105,8 +105,15 @@ class FeatureExtractor:
         return math.ceil(size[1] / self.stride), math.ceil(size[0] / self.stride)
 
     @torch.inference_mode()
-    def _forward(self, pixels: torch.Tensor, sizes: Sequence[tuple[int, int]], project: bool) -> torch.Tensor:
-        """``pixels (Tensor[N, 3, H, W])`` -> ``Tensor[N, C, H/s, W/s]`` float32 on CPU."""
+    def _forward(
+        self, pixels: torch.Tensor, sizes: Sequence[tuple[int, int]], project: bool, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """``pixels (Tensor[N, 3, H, W])`` -> ``Tensor[N, C, H/s, W/s]`` of ``dtype`` on CPU.
+
+        Features are normalised in float32 and cast to ``dtype`` where they were computed,
+        so a GPU copies ``dtype`` bytes back to the host (half of them for float16: the
+        copy of float32 features took most of an indexing batch on an H200).
+        """
         x = pixels.to(self.device, non_blocking=True)
         x = self.net.normalize(x)
         for n, (w, h) in enumerate(sizes):  # padding is mean grey after normalisation
@@ -125,13 +132,16 @@ class FeatureExtractor:
             rows, cols = self.valid_cells(size)
             f[n, :, rows:, :] = 0
             f[n, :, :, cols:] = 0
-        return f.contiguous().cpu()  # NCHW, whatever layout the network left
+        return f.to(dtype, memory_format=torch.contiguous_format).cpu()  # NCHW, whatever layout the network left
 
-    def extract_prepared(self, prepared: Sequence[Prepared], *, project: bool = True) -> list[torch.Tensor]:
-        """Features of prepared images, each ``Tensor[C, Hc, Wc]`` float32.
+    def extract_prepared(
+        self, prepared: Sequence[Prepared], *, project: bool = True, dtype: torch.dtype = torch.float32
+    ) -> list[torch.Tensor]:
+        """Features of prepared images, each ``Tensor[C, Hc, Wc]`` of ``dtype``.
 
         Images are batched only with others of the same padded size, so an image's
-        features never depend on its batch mates.
+        features never depend on its batch mates. ``dtype``: float32, or the feature
+        store's float16 (the same values as float32 features cast on the host).
         """
         out: list[torch.Tensor | None] = [None] * len(prepared)
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
@@ -141,7 +151,7 @@ class FeatureExtractor:
             for start in range(0, len(idxs), self.batch_size):
                 chunk = idxs[start : start + self.batch_size]
                 pixels = torch.stack([prepared[i].pixels for i in chunk])
-                feats = self._forward(pixels, [prepared[i].size for i in chunk], project)
+                feats = self._forward(pixels, [prepared[i].size for i in chunk], project, dtype)
                 for i, f in zip(chunk, feats):
                     out[i] = f
         return out  # type: ignore[return-value]
@@ -156,10 +166,14 @@ class FeatureExtractor:
         return self.preprocess(image), image.size
 
     def extract_frames(
-        self, frames: Sequence[tuple[Prepared, tuple[int, int]]], *, project: bool = True
+        self,
+        frames: Sequence[tuple[Prepared, tuple[int, int]]],
+        *,
+        project: bool = True,
+        dtype: torch.dtype = torch.float32,
     ) -> list[FrameFeatures]:
-        """Features of frames made by :meth:`prepare_frame`."""
-        feats = self.extract_prepared([p for p, _ in frames], project=project)
+        """Features of frames made by :meth:`prepare_frame` (``dtype``: see :meth:`extract_prepared`)."""
+        feats = self.extract_prepared([p for p, _ in frames], project=project, dtype=dtype)
         return [
             FrameFeatures(features=f, valid=self.valid_cells(p.size), scale=p.scale, size=size)
             for f, (p, size) in zip(feats, frames)

@@ -98,13 +98,16 @@ def index_frames(
     if loader_workers is None:
         loader_workers = min(8, os.cpu_count() or 1) if extractor.device.type == "cuda" else 1
     fp = extractor.fingerprint
+    # float16 stores take float16 features from the extractor: cast where they were computed, so a GPU
+    # copies half the bytes back (the same values: the store casts float32 ones the same way)
+    copy_dtype = torch.float16 if dtype == "float16" else torch.float32
     shards = 0
     entries: list[FrameEntry] = []
     feats: list[torch.Tensor] = []
     frames, pending = [], []
 
     def flush_batch() -> None:
-        for ref, ff in zip(pending, extractor.extract_frames(frames)):
+        for ref, ff in zip(pending, extractor.extract_frames(frames, dtype=copy_dtype)):
             entries.append(
                 FrameEntry(
                     frame_id=ref.frame_id,

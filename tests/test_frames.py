@@ -128,3 +128,19 @@ def test_indexing_with_loading_ahead_writes_what_loading_before_each_batch_write
     assert [f.frame_id for f in frames[1]] == [r.frame_id for r in mixed]
     assert frames[3] == frames[1]
     assert torch.equal(feats[3], feats[1])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_indexing_stores_the_float32_features_cast_to_the_store_dtype(mixed, tmp_path, random_extractor, dtype):
+    """The extractor casts to float16 before its copy to the host (half the bytes off a GPU);
+    the store must still hold exactly the float32 features cast to its dtype on the host."""
+    from dtm_ops.indexing import index_frames
+    from dtm_ops.store import FeatureStore
+
+    refs = mixed[4:12]  # images and video frames
+    store = FeatureStore.open(tmp_path / dtype)
+    index_frames(refs, store, random_extractor, dtype=dtype)
+    stored = torch.cat([f for _, f, _ in store.iter_shards()])
+    want = torch.stack([ff.features for ff in random_extractor.extract([im for _, im in load_frames(refs)])])
+    assert want.dtype == torch.float32 and stored.dtype == getattr(torch, dtype)
+    assert torch.equal(stored, want.to(stored.dtype))
