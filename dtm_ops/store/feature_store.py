@@ -9,9 +9,8 @@ import hashlib
 import json
 import logging
 import os
-import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -36,10 +35,18 @@ log = logging.getLogger(__name__)
 POINTER = "latest.json"
 PROJECTION = "projection.safetensors"
 SHARDS = "shards/"
-#: Shards larger than this are fetched as parallel ranged GETs of this size from stores with
-#: ``ranged_reads`` (S3: it pays off on high-latency servers; on a nearby one a single GET is
-#: as fast, and the parts cost nothing more). A local folder reads each shard whole.
+#: Stores with ``ranged_reads`` (S3) fetch a shard as parallel ranged GETs of about
+#: ``1 / workers`` of it, at least MIN_PART_BYTES and at most PART_BYTES (parallel parts pay
+#: off on high-latency servers; on a nearby one they cost nothing more). Parts so sized keep
+#: the GETs in flight on the earliest shard, so shards arrive one after the other and the
+#: scan can match the first while the rest arrive. A local folder reads each shard whole.
 PART_BYTES = 64 << 20
+MIN_PART_BYTES = 8 << 20
+
+
+def part_bytes(size: int, workers: int) -> int:
+    """Size of the ranged parts of a shard of ``size`` bytes read by ``workers`` threads."""
+    return min(PART_BYTES, max(MIN_PART_BYTES, -(-size // max(1, workers))))
 
 
 def manifest_key(version: int) -> str:
@@ -128,26 +135,40 @@ class FeatureStore:
     # ------------------------------------------------------------------ reading
     def read_shard(self, entry: ShardEntry) -> tuple[torch.Tensor, torch.Tensor]:
         """``(features Tensor[N, C, H, W], valid Tensor[N, 2])`` of one shard, verified."""
-        return self._decode(entry, self._fetch(entry))
+        return self._decode(entry, self._start_fetch(entry)())
 
-    def _fetch(
+    def _start_fetch(
         self, entry: ShardEntry, pool: ThreadPoolExecutor | None = None, *, pin_memory: bool = False
-    ) -> torch.Tensor:
-        """The shard's bytes, ``Tensor[bytes] uint8``, read in place: parallel ranged parts
-        (large shards, stores with ``ranged_reads``) land at their offsets, so nothing is
-        joined or copied, and with ``pin_memory`` the buffer is page-locked to begin with."""
+    ) -> Callable[[], torch.Tensor]:
+        """Start reading a shard; the returned call waits for its bytes, ``Tensor[bytes] uint8``.
+
+        The bytes are read in place: parallel ranged parts (stores with ``ranged_reads``,
+        :func:`part_bytes`) land at their offsets, so nothing is joined or copied, and with
+        ``pin_memory`` the buffer is page-locked to begin with. With a ``pool``, a ranged
+        store's GETs join its queue now, so shards started in order are fetched in order;
+        otherwise the read runs in the returned call.
+        """
         key = SHARDS + entry.name
         buf = torch.empty(entry.bytes, dtype=torch.uint8, pin_memory=pin_memory)
         view = memoryview(buf.numpy())
-        try:
-            if entry.bytes <= PART_BYTES or pool is None or not self.objects.ranged_reads:
-                self.objects.read_into(key, view)
-            else:
-                parts = range(0, entry.bytes, PART_BYTES)
-                list(pool.map(lambda o: self.objects.read_into(key, view[o : o + PART_BYTES], o), parts))
-        except ObjectNotFound:
-            raise FeatureStoreError(f"{self.uri}: shard {entry.name} named by the manifest is missing") from None
-        return buf
+        part = part_bytes(entry.bytes, self.workers)
+        if pool is not None and self.objects.ranged_reads:
+            read = self.objects.read_into
+            parts = [pool.submit(read, key, view[o : o + part], o) for o in range(0, entry.bytes, part)]
+        else:
+            parts = None
+
+        def wait() -> torch.Tensor:
+            try:
+                if parts is None:
+                    self.objects.read_into(key, view)
+                for done in parts or ():
+                    done.result()
+            except ObjectNotFound:
+                raise FeatureStoreError(f"{self.uri}: shard {entry.name} named by the manifest is missing") from None
+            return buf
+
+        return wait
 
     def _decode(self, entry: ShardEntry, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # No NaN scan here: append() refuses non-finite features, and the checksum proves the
@@ -170,35 +191,40 @@ class FeatureStore:
             return
         io_pool = ThreadPoolExecutor(self.workers, thread_name_prefix="dtm-get")
         cpu_pool = ThreadPoolExecutor(self.workers, thread_name_prefix="dtm-decode")
-        budget = threading.Semaphore(1)  # guards the byte count below
         pending: deque[tuple[ShardEntry, Future]] = deque()
-        in_flight = 0
+        in_flight = 0  # bytes of the shards in `pending`
         nxt = 0
 
-        def load(entry: ShardEntry):
-            features, valid = self._decode(entry, self._fetch(entry, io_pool, pin_memory=pin_memory))
+        def load(entry: ShardEntry, fetched: Callable[[], torch.Tensor]):
+            features, valid = self._decode(entry, fetched())
             if pin_memory and not features.is_pinned():  # int8 shards: dequantised into new memory
                 features = features.pin_memory()
             return features, valid
 
+        def start_more() -> None:
+            """Start shards within the budget, and always one when none is in flight."""
+            nonlocal in_flight, nxt
+            while nxt < len(shards) and (not pending or in_flight + shards[nxt].bytes <= self.prefetch_bytes):
+                entry = shards[nxt]
+                in_flight += entry.bytes
+                fetched = self._start_fetch(entry, io_pool, pin_memory=pin_memory)  # GETs queued in shard order
+                pending.append((entry, cpu_pool.submit(load, entry, fetched)))
+                nxt += 1
+
         try:
-            while nxt < len(shards) or pending:
-                while nxt < len(shards) and (not pending or in_flight + shards[nxt].bytes <= self.prefetch_bytes):
-                    entry = shards[nxt]
-                    with budget:
-                        in_flight += entry.bytes
-                    pending.append((entry, cpu_pool.submit(load, entry)))
-                    nxt += 1
+            start_more()
+            while pending:
                 entry, fut = pending.popleft()
                 features, valid = fut.result()
-                with budget:
-                    in_flight -= entry.bytes
+                in_flight -= entry.bytes
+                start_more()  # before the caller works on this shard, so the next ones arrive meanwhile
                 yield entry, features, valid
         finally:
             for _, fut in pending:
                 fut.cancel()
+            io_pool.shutdown(wait=False, cancel_futures=True)  # loads waiting on cancelled GETs end
             cpu_pool.shutdown(wait=True, cancel_futures=True)
-            io_pool.shutdown(wait=True, cancel_futures=True)
+            io_pool.shutdown(wait=True)
 
     def frame_features(self, frame_ids: Sequence[str]) -> dict[str, tuple[FrameEntry, torch.Tensor]]:
         """Features ``Tensor[C, H, W]`` of selected frames (reads only the shards that hold them)."""
