@@ -172,7 +172,8 @@ def bench_gpu(repeat: int, log) -> None:
     feats = unit((239, C, *GPU_GRID), g, dev, torch.float16)
     cells = torch.stack(temps).reshape(C, h * w).T.contiguous()
     t_gemm = timeit(lambda: torch.matmul(cells, feats.reshape(239, C, -1)), repeat, sync)
-    parts = {m: 239 / timeit(lambda: engine(feats, temps, m), repeat, sync) for m in ("shift", "fold", "conv")}
+    methods = ("shift", "fold", "conv", "conv_nchw")
+    parts = {m: 239 / timeit(lambda: engine(feats, temps, m), repeat, sync) for m in methods}
     print(f"C={C}, {h}x{w}, Q=1, 239 frames: the GEMM alone {239 / t_gemm:.0f} frames/s; "
           + ", ".join(f"{m} {v:.0f}" for m, v in parts.items()))
     log({"kind": "gpu_parts", "C": C, "h": h, "w": w, "gemm_fps": 239 / t_gemm, **{f"{m}_fps": v for m, v in parts.items()}})
