@@ -40,7 +40,9 @@ CPU_CASES = [
     ("Q=16, 4x3 templates", [(4, 3)] * 16),
     ("Q=16, 8x6 templates", [(8, 6)] * 16),
     ("Q=1 x 9 scales (2x1..16x12)", [(2, 1), (3, 2), (4, 3), (6, 4), (8, 6), (11, 8), (12, 9), (14, 10), (16, 12)]),
+    ("Q=16 x 9 scales", [(2, 1), (3, 2), (4, 3), (6, 4), (8, 6), (11, 8), (12, 9), (14, 10), (16, 12)] * 16),
 ]
+CPU_METHODS = ("fold", "slices", "conv", "conv_nchw")
 GPU_GRID = (68, 120)
 
 
@@ -124,6 +126,13 @@ def bench_cpu(frames: int, repeat: int, log) -> None:
         err = check(feats[:4], temps, 1e-4)
         print(f"{label:<30} {fe:>11.0f} {fc:>11.0f} {fn:>10.0f} {fe / fc:>9.2f}x {fe / fn:>8.1f}x")
         log({"kind": "cpu", "case": label, "engine_fps": fe, "conv_fps": fc, "naive_fps": fn, "max_err": err})
+    print("\neach method alone (frames/s; the engine times them and keeps the fastest per template size)")
+    print(f"{'case':<30} " + " ".join(f"{m:>10}" for m in CPU_METHODS))
+    for label, sizes in CPU_CASES:
+        temps = [unit((CPU_CHANNELS, h, w), g, "cpu", torch.float32) for h, w in sizes]
+        fps = {m: frames / timeit(lambda: engine(feats, temps, m), repeat, sync) for m in CPU_METHODS}
+        print(f"{label:<30} " + " ".join(f"{fps[m]:>10.0f}" for m in CPU_METHODS))
+        log({"kind": "cpu_methods", "case": label, **{f"{m}_fps": v for m, v in fps.items()}})
 
 
 def hbm_read_gbps(device) -> float:
