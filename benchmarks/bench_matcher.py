@@ -42,7 +42,7 @@ CPU_CASES = [
     ("Q=1 x 9 scales (2x1..16x12)", [(2, 1), (3, 2), (4, 3), (6, 4), (8, 6), (11, 8), (12, 9), (14, 10), (16, 12)]),
     ("Q=16 x 9 scales", [(2, 1), (3, 2), (4, 3), (6, 4), (8, 6), (11, 8), (12, 9), (14, 10), (16, 12)] * 16),
 ]
-CPU_METHODS = ("fold", "slices", "conv", "conv_nchw")
+CPU_METHODS = ("fold", "slices", "conv")
 GPU_GRID = (68, 120)
 
 
@@ -181,8 +181,7 @@ def bench_gpu(repeat: int, log) -> None:
     feats = unit((239, C, *GPU_GRID), g, dev, torch.float16)
     cells = torch.stack(temps).reshape(C, h * w).T.contiguous()
     t_gemm = timeit(lambda: torch.matmul(cells, feats.reshape(239, C, -1)), repeat, sync)
-    methods = ("shift", "fold", "conv", "conv_nchw")
-    parts = {m: 239 / timeit(lambda: engine(feats, temps, m), repeat, sync) for m in methods}
+    parts = {m: 239 / timeit(lambda: engine(feats, temps, m), repeat, sync) for m in ("shift", "fold", "conv")}
     print(f"C={C}, {h}x{w}, Q=1, 239 frames: the GEMM alone {239 / t_gemm:.0f} frames/s; "
           + ", ".join(f"{m} {v:.0f}" for m, v in parts.items()))
     log({"kind": "gpu_parts", "C": C, "h": h, "w": w, "gemm_fps": 239 / t_gemm, **{f"{m}_fps": v for m, v in parts.items()}})

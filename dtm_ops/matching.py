@@ -80,7 +80,7 @@ CPU_CHUNK_BYTES = 8 << 20
 CPU_CHUNK_PAIRS = 32
 
 #: How a group of same-size templates is matched (:func:`patchwise_cosine`'s ``method``).
-METHODS = ("auto", "fold", "slices", "conv", "conv_nchw")
+METHODS = ("auto", "fold", "slices", "conv")
 
 # "auto" picks per (maps or best, device, dtype, frame grid, channels, template size, group
 # size, batch size to a power of 2): the fastest method on first use, timed on that call's
@@ -157,20 +157,10 @@ def _group_conv(features: torch.Tensor, group: torch.Tensor, max_bytes: int = MA
     no cell products (``max_bytes`` does not apply), and its cost per template falls as
     templates share the frames: the method for many templates of one size.
 
-    The frames are padded and made channels-last in one copy: oneDNN convolves
-    channels-last 1.2-1.35x faster (this project's CPU benchmark)."""
-    n, c, H, W = features.shape
-    h, w = group.shape[2:]
-    ph, pw = h // 2, w // 2
-    padded = features.new_zeros(n, H + 2 * ph, W + 2 * pw, c).permute(0, 3, 1, 2)  # [N, C, H', W'], channels-last
-    padded[:, :, ph : ph + H, pw : pw + W] = features
-    return nn.functional.conv2d(padded, group.contiguous(memory_format=torch.channels_last))
-
-
-def _group_conv_nchw(features: torch.Tensor, group: torch.Tensor, max_bytes: int = MAX_PRODUCT_BYTES) -> torch.Tensor:
-    """:func:`_group_conv` on the features as they come, padded by the convolution itself:
-    no copy. cuDNN picks its own layout; with the copy, the engine ran at 0.83-1.01x of this
-    plain conv2d for 64 templates of one size on an H200 (README "Matcher speed")."""
+    The features go in as they come, padded by the convolution itself. A padded
+    channels-last copy, which this method used to make, was slower on both machines
+    measured: 0.71-0.87x of this on the 2-core CPU (``matcher-cpu-conv-layouts.txt``), and
+    0.83-1.01x of plain fp16 conv2d with 64 templates of one size on an H200."""
     h, w = group.shape[2:]
     return nn.functional.conv2d(features, group, padding=(h // 2, w // 2))
 
@@ -179,7 +169,6 @@ _GROUP_METHODS = {
     "fold": functools.partial(_group_products, shifted_sum=_fold_sum),
     "slices": functools.partial(_group_products, shifted_sum=_slice_sum),
     "conv": _group_conv,
-    "conv_nchw": _group_conv_nchw,
 }
 
 
@@ -250,8 +239,7 @@ def patchwise_cosine(
         max_bytes: bound on the intermediate products (see :data:`MAX_PRODUCT_BYTES`).
         method: ``"fold"`` (one GEMM of frame cells against template cells, then their
             shifted sum by ``fold``), ``"slices"`` (the same GEMM, then the shifted sum as
-            slice additions), ``"conv"`` (direct convolution of a padded channels-last
-            copy), ``"conv_nchw"`` (direct convolution, no copy), or ``"auto"``: per group of
+            slice additions), ``"conv"`` (direct convolution), or ``"auto"``: per group of
             same-size templates, the fastest on this machine, timed on first use. All give
             the same maps.
 

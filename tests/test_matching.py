@@ -37,7 +37,7 @@ def _zero_invalid(feats: np.ndarray, valid: list[tuple[int, int]]) -> np.ndarray
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
 @pytest.mark.parametrize("max_bytes", [None, 1], ids=["one-pass", "chunked"])
-@pytest.mark.parametrize("method", ["fold", "slices", "conv", "conv_nchw", "auto"])
+@pytest.mark.parametrize("method", ["fold", "slices", "conv", "auto"])
 def test_matches_reference_loop(case, dtype, tol, max_bytes, method):
     """``max_bytes=1`` forces one template per chunk and one frame per call (``fold``)."""
     C, H, W, tsizes, valid = case
@@ -120,7 +120,7 @@ def test_auto_times_each_method_once_and_remembers_the_pick(monkeypatch):
     feats = torch.nn.functional.normalize(torch.randn(4, 8, 6, 7), dim=1)
     temps = [torch.nn.functional.normalize(torch.randn(8, 2, 3), dim=0) for _ in range(3)]
     first = patchwise_cosine(feats, temps)
-    assert sorted(calls) == ["conv"] * 3 + ["conv_nchw"] * 3 + ["fold"] * 3 + ["slices"] * 3  # a warm-up, 2 timed runs
+    assert sorted(calls) == ["conv"] * 3 + ["fold"] * 3 + ["slices"] * 3  # a warm-up and two timed runs each
     (key, pick), = matching._picked.items()
     assert key == ("maps", "cpu", torch.float32, (8, 6, 7), (3, 8, 2, 3), 3)  # 4 frames: bucket 2**2..2**3-1
     calls.clear()
@@ -162,7 +162,7 @@ def _check_best(method: str, max_bytes: int | None) -> None:
         assert (row.numpy()[fin] == at[..., 0][fin]).all() and (col.numpy()[fin] == at[..., 1][fin]).all()
 
 
-@pytest.mark.parametrize("method", ["fold", "slices", "conv", "conv_nchw", "auto"])
+@pytest.mark.parametrize("method", ["fold", "slices", "conv", "auto"])
 @pytest.mark.parametrize("max_bytes", [None, 1], ids=["one-pass", "chunked"])
 def test_best_matches_equal_the_reference_loop(method, max_bytes):
     _check_best(method, max_bytes)
