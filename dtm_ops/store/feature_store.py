@@ -149,24 +149,30 @@ class FeatureStore:
         otherwise the read runs in the returned call.
         """
         key = SHARDS + entry.name
-        buf = torch.empty(entry.bytes, dtype=torch.uint8, pin_memory=pin_memory)
-        view = memoryview(buf.numpy())
-        part = part_bytes(entry.bytes, self.workers)
+        read = self.objects.read_into
         if pool is not None and self.objects.ranged_reads:
-            read = self.objects.read_into
-            parts = [pool.submit(read, key, view[o : o + part], o) for o in range(0, entry.bytes, part)]
+            part = part_bytes(entry.bytes, self.workers)
+            # page-locking a large buffer takes a while: on a worker, first in the queue
+            alloc = pool.submit(torch.empty, entry.bytes, dtype=torch.uint8, pin_memory=pin_memory)
+
+            def read_part(o: int) -> None:
+                read(key, memoryview(alloc.result().numpy())[o : o + part], o)
+
+            parts = [pool.submit(read_part, o) for o in range(0, entry.bytes, part)]
         else:
-            parts = None
+            alloc, parts = None, []
 
         def wait() -> torch.Tensor:
             try:
-                if parts is None:
-                    self.objects.read_into(key, view)
-                for done in parts or ():
+                if alloc is None:
+                    buf = torch.empty(entry.bytes, dtype=torch.uint8, pin_memory=pin_memory)
+                    read(key, memoryview(buf.numpy()))
+                    return buf
+                for done in parts:
                     done.result()
+                return alloc.result()
             except ObjectNotFound:
                 raise FeatureStoreError(f"{self.uri}: shard {entry.name} named by the manifest is missing") from None
-            return buf
 
         return wait
 
