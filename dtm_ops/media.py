@@ -228,10 +228,8 @@ def map_frames(
         try:
             with closing(_frame_reads(refs)) as reads:  # closing: a video open when stopped early
                 for ref, read in reads:  # video frames are decoded here, images in `read`
-                    while not slots.acquire(timeout=0.1):
-                        if done.is_set():
-                            return
-                    if done.is_set():
+                    slots.acquire()
+                    if done.is_set():  # the caller stopped
                         return
                     order.put((ref, pool.submit(lambda r=read: fn(r()))))
             order.put(None)
@@ -250,6 +248,7 @@ def map_frames(
             yield ref, result
     finally:
         done.set()
+        slots.release()  # wakes the reader if it waits for a slot
         thread.join()
         pool.shutdown(wait=True, cancel_futures=True)
 

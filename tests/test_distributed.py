@@ -55,7 +55,7 @@ class Cluster(AirflowClient):
         return text[-tail:] if tail else text
 
     def log_tail(self, n: int = 3000) -> str:
-        return self.log("scheduler")[-n:]
+        return self.log("scheduler", tail=n)
 
     def wait_ready(self, timeout: float = 300) -> None:
         """Scheduler and DAG processor healthy, the DAG parsed, both workers ready."""
@@ -70,7 +70,8 @@ class Cluster(AirflowClient):
                 up = False
             if up and all(f"{w}@" in text and "ready." in text for w, text in logs.items()):
                 return
-            assert time.time() < deadline, f"cluster not ready:\n{ {w: t[-3000:] for w, t in logs.items()} }\n{self.log('scheduler')}"
+            tails = {w: t[-3000:] for w, t in logs.items()}
+            assert time.time() < deadline, f"cluster not ready:\n{tails}\n{self.log('scheduler')}"
             time.sleep(2)
 
     def wait_worker(self, name: str, timeout: float = 120) -> None:

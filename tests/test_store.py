@@ -39,6 +39,20 @@ def _all_frames(store: FeatureStore) -> dict[str, tuple[torch.Tensor, torch.Tens
     return got
 
 
+def _watch_reads(store: FeatureStore, note) -> list:
+    """Call ``note(key, offset, length)`` as each read of ``store`` starts; returns the list
+    the notes are collected in."""
+    calls = []
+    read_into = store.objects.read_into
+
+    def watched(key, out, offset=0):
+        calls.append(note(key, offset, len(out)))
+        read_into(key, out, offset)
+
+    store.objects.read_into = watched
+    return calls
+
+
 def test_round_trip_groups_by_grid_and_skips_known_frames(store_uri):
     store = _open(store_uri)
     e1, f1 = _frames(3, (3, 5), "a")
@@ -203,13 +217,7 @@ def test_the_next_shard_is_read_while_the_caller_holds_one(store_uri):
     names = [s.name for s in store.manifest().shards]
     reader = _open(store_uri, prefetch_bytes=1)
     started = {n: threading.Event() for n in names}
-    read_into = reader.objects.read_into
-
-    def watched(key, out, offset=0):
-        started[key.rsplit("/", 1)[-1]].set()
-        read_into(key, out, offset)
-
-    reader.objects.read_into = watched
+    _watch_reads(reader, lambda key, offset, length: started[key.rsplit("/", 1)[-1]].set())
     seen = []
     for entry, _, _ in reader.iter_shards():
         seen.append(entry.name)
@@ -235,14 +243,7 @@ def test_ranged_gets_go_out_in_shard_order(s3_server, s3_bucket, monkeypatch):
     monkeypatch.setattr(feature_store, "PART_BYTES", part)
     reader = _open(store_uri, workers=2, prefetch_bytes=1 << 30)
     order = {"shards/" + s.name: i for i, s in enumerate(shards)}
-    calls = []
-    read_into = reader.objects.read_into
-
-    def watched(key, out, offset=0):
-        calls.append(order[key])
-        read_into(key, out, offset)
-
-    reader.objects.read_into = watched
+    calls = _watch_reads(reader, lambda key, offset, length: order[key])
     assert [e.name for e, _, _ in reader.iter_shards()] == [s.name for s in shards]
     assert all(calls.count(i) >= 4 for i in range(4)) and set(calls) == set(range(4))  # parts of every shard
     # GETs start in queue order; two threads may log two neighbours the other way round
@@ -307,14 +308,7 @@ def test_large_shards_come_whole_or_in_ranged_parts_by_backend(store_uri, monkey
     part = shard.bytes // 3
     monkeypatch.setattr(feature_store, "PART_BYTES", part)
     reader = _open(store_uri)
-    calls = []
-    read_into = reader.objects.read_into
-
-    def watched(key, out, offset=0):
-        calls.append((offset, len(out)))
-        read_into(key, out, offset)
-
-    reader.objects.read_into = watched
+    calls = _watch_reads(reader, lambda key, offset, length: (offset, length))
     got = _all_frames(reader)
     if store_uri[1] is None:
         assert calls == [(0, shard.bytes)]
