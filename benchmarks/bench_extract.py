@@ -39,7 +39,7 @@ def main() -> None:
     device = torch.device("cuda" if cuda else "cpu")
     batch = a.batch or (32 if cuda else 8)
     H, W = a.size or ((1088, 1920) if cuda else (288, 640))
-    pixels = torch.randint(0, 256, (batch, 3, H, W), dtype=torch.uint8).float()
+    pixels = torch.randint(0, 256, (batch, 3, H, W), dtype=torch.uint8)  # as Preprocess makes them
     if cuda:
         pixels = pixels.pin_memory()
     sizes = [(W, H)] * batch
@@ -55,7 +55,7 @@ def main() -> None:
         ex = FeatureExtractor(backbone, layer, long_side=max(H, W), weights=weights, device=device, batch_size=batch)
         torch.manual_seed(0)
         plain = backbones.build(backbone, layer, weights, fuse=False).to(device)
-        x = ex.net.normalize(pixels.to(device))
+        x = ex.net.normalize(pixels.to(device).float())
 
         @torch.inference_mode()
         def net(module, channels_last: bool):

@@ -108,13 +108,14 @@ class FeatureExtractor:
     def _forward(
         self, pixels: torch.Tensor, sizes: Sequence[tuple[int, int]], project: bool, dtype: torch.dtype
     ) -> torch.Tensor:
-        """``pixels (Tensor[N, 3, H, W])`` -> ``Tensor[N, C, H/s, W/s]`` of ``dtype`` on CPU.
+        """``pixels (Tensor[N, 3, H, W])``, RGB in 0..255 (uint8 from :class:`Preprocess`) ->
+        ``Tensor[N, C, H/s, W/s]`` of ``dtype`` on CPU.
 
         Features are normalised in float32 and cast to ``dtype`` where they were computed,
         so a GPU copies ``dtype`` bytes back to the host (half of them for float16: the
         copy of float32 features took most of an indexing batch on an H200).
         """
-        x = pixels.to(self.device, non_blocking=True)
+        x = pixels.to(self.device, non_blocking=True).float()  # uint8 crosses to a GPU: 1/4 of the bytes
         x = self.net.normalize(x)
         for n, (w, h) in enumerate(sizes):  # padding is mean grey after normalisation
             x[n, :, h:, :] = 0

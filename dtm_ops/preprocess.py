@@ -22,7 +22,8 @@ class Prepared:
     """An image made ready for a backbone.
 
     Attributes:
-        pixels (Tensor[3, H, W]): RGB, float32 in 0..255, padded with zeros.
+        pixels (Tensor[3, H, W]): RGB, uint8, padded with zeros (a quarter of float32's
+            bytes to hold in loaders' queues and to copy to a GPU; the extractor converts).
         scale: resized size = original size * scale.
         size: ``(width, height)`` of the resized image before padding.
     """
@@ -60,8 +61,8 @@ class Preprocess:
             resized = resized.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=None)
         pw = math.ceil(w / self.multiple) * self.multiple
         ph = math.ceil(h / self.multiple) * self.multiple
-        pixels = torch.zeros(3, ph, pw, dtype=torch.float32)
-        pixels[:, :h, :w] = torch.from_numpy(np.asarray(resized, dtype=np.float32)).permute(2, 0, 1)
+        pixels = torch.zeros(3, ph, pw, dtype=torch.uint8)
+        pixels[:, :h, :w] = torch.from_numpy(np.array(resized)).permute(2, 0, 1)
         return Prepared(pixels=pixels, scale=scale, size=(w, h))
 
     def to_dict(self) -> dict:

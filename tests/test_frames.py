@@ -144,3 +144,18 @@ def test_indexing_stores_the_float32_features_cast_to_the_store_dtype(mixed, tmp
     want = torch.stack([ff.features for ff in random_extractor.extract([im for _, im in load_frames(refs)])])
     assert want.dtype == torch.float32 and stored.dtype == getattr(torch, dtype)
     assert torch.equal(stored, want.to(stored.dtype))
+
+
+@pytest.mark.parametrize("size,scale", [((50, 30), None), ((64, 64), 0.5)])
+def test_preprocess_keeps_the_resized_bytes_and_pads_with_zeros(size, scale):
+    """Prepared pixels are the resized image's own RGB bytes (uint8), zero past it."""
+    from dtm_ops.preprocess import Preprocess
+
+    rng = np.random.default_rng(7)
+    image = Image.fromarray(rng.integers(1, 256, (size[1], size[0], 3), dtype=np.uint8))
+    got = Preprocess(long_side=40, multiple=32)(image, scale)
+    w, h = got.size
+    want = np.asarray(image.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=None))
+    assert got.pixels.dtype == torch.uint8 and got.pixels.shape == (3, 32, 64 if size == (50, 30) else 32)
+    assert (got.pixels[:, :h, :w].permute(1, 2, 0).numpy() == want).all()
+    assert int(got.pixels[:, h:, :].sum()) == 0 and int(got.pixels[:, :, w:].sum()) == 0
