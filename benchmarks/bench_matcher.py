@@ -142,7 +142,7 @@ def hbm_read_gbps(device) -> float:
     return (4 << 30) / t / 1e9
 
 
-def bench_gpu(repeat: int, log) -> None:
+def bench_gpu(repeat: int, log, channels=(128, 256, 1024)) -> None:
     dev = torch.device("cuda")
     sync = torch.cuda.synchronize
     hbm = hbm_read_gbps(dev)
@@ -151,7 +151,7 @@ def bench_gpu(repeat: int, log) -> None:
     print(f"{'C':>5} {'tmpl':>6} {'Q':>3} {'N':>4} {'engine f/s':>11} {'GB/s':>6} {'%HBM':>5} {'conv2d f/s':>11} "
           f"{'vs conv2d':>9} {'max err':>8} {'picked':>6} {'shift f/s':>10}")
     g = torch.Generator().manual_seed(0)
-    for C in (128, 256, 1024):
+    for C in channels:
         frames = max(32, min(512, int(1e9 / (C * GPU_GRID[0] * GPU_GRID[1] * 2))))
         feats = unit((frames, C, *GPU_GRID), g, dev, torch.float16)
         per_frame = C * GPU_GRID[0] * GPU_GRID[1] * 2
@@ -213,6 +213,70 @@ def tune_gpu(repeat: int, log) -> None:
     shiftmax.TUNING.update(default)
 
 
+#: ``--parts``: cases (C, template, Q) taken apart, and the kernel's launch settings tried on them.
+PART_CASES = [(256, (2, 4), 1), (256, (7, 12), 1), (256, (7, 12), 16), (256, (17, 30), 1), (1024, (2, 4), 1)]
+PART_VARIANTS = [{}, {"elements": 2048}, {"num_warps": 8}, {"unroll_rows": True}, {"blocks_first": True},
+                 {"blocks_first": True, "unroll_rows": True}]
+
+
+def parts(dev: torch.device, repeat: int, log, grid=GPU_GRID, cases=PART_CASES, gb: float = 1.0,
+          variants=PART_VARIANTS) -> None:
+    """Where the ``shift`` method's time goes, per case: the GEMM alone, the kernel alone on
+    the GEMM's products (each launch setting of :data:`PART_VARIANTS`, checked equal to the
+    default's result), the whole method, and the GPU time of each kernel it launches
+    (``torch.profiler``). GB/s: the bytes each step must move (features in, products out for
+    the GEMM; products in for the kernel)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from dtm_ops import shiftmax
+
+    sync = torch.cuda.synchronize if dev.type == "cuda" else None
+    g = torch.Generator().manual_seed(0)
+    print(f"\nthe shift method taken apart, {grid[0]}x{grid[1]} grid, fp16")
+    for C, (h, w), Q in cases:
+        n = max(8, min(512, int(gb * 1e9 / (C * grid[0] * grid[1] * 2))))
+        feats = unit((n, C, *grid), g, dev, torch.float16)
+        group = torch.stack([unit((C, h, w), g, dev, torch.float16) for _ in range(Q)])
+        valid = torch.tensor([list(grid)], dtype=torch.int32).expand(n, 2).contiguous().to(dev)
+        feat_b, prod_b = feats.numel() * 2, n * Q * h * w * grid[0] * grid[1] * 2
+        t_gemm = timeit(lambda: shiftmax.products(feats, group), repeat, sync)
+        prod = shiftmax.products(feats, group)
+        want = shiftmax.reduce(prod, valid, grid, (h, w))
+        row = []
+        for v in variants:
+            got = shiftmax.reduce(prod, valid, grid, (h, w), **v)
+            same = bool(torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]))
+            t = timeit(lambda: shiftmax.reduce(prod, valid, grid, (h, w), **v), repeat, sync)
+            row.append((v, n / t, prod_b / t / 1e9, same))
+            log({"kind": "parts_kernel", "C": C, "h": h, "w": w, "Q": Q, "N": n, **v, "fps": n / t,
+                 "prod_GBps": prod_b / t / 1e9, "same": same})
+        prod = None  # its memory back before the whole method runs
+        t_all = timeit(lambda: engine(feats, list(group), "shift"), repeat, sync)
+        acts = [ProfilerActivity.CUDA] if dev.type == "cuda" else [ProfilerActivity.CPU]  # kernels only
+        with profile(activities=acts) as prof:
+            for _ in range(repeat):
+                engine(feats, list(group), "shift")
+            if sync:
+                sync()
+        kernels = [(e.key, e.self_device_time_total / repeat) for e in prof.key_averages()
+                   if getattr(e, "self_device_time_total", 0) > 0]
+        kernels.sort(key=lambda k: -k[1])
+        busy = sum(t for _, t in kernels)
+        print(f"C={C} {h}x{w} Q={Q}, {n} frames: GEMM alone {n / t_gemm:.0f} frames/s "
+              f"({(feat_b + prod_b) / t_gemm / 1e9:.0f} GB/s in+out); whole method {n / t_all:.0f} frames/s, "
+              f"{t_all * 1e6:.0f} us a call, {busy:.0f} us of it on GPU kernels")
+        for v, fps, gbps, same in row:
+            print(f"    kernel alone {v or 'default'}: {fps:.0f} frames/s, products read at {gbps:.0f} GB/s"
+                  + ("" if same else "  RESULT DIFFERS"))
+        for name, us in kernels[:6]:
+            print(f"    {us:9.1f} us  {name[:90]}")
+        log({"kind": "parts", "C": C, "h": h, "w": w, "Q": Q, "N": n, "gemm_fps": n / t_gemm, "method_fps": n / t_all,
+             "call_us": t_all * 1e6, "kernel_us": busy, "kernels": kernels[:8]})
+        feats = None
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--frames", type=int, default=256, help="CPU frames per call")
@@ -220,6 +284,9 @@ def main() -> None:
     ap.add_argument("--json", help="also write one JSON line per measurement here")
     ap.add_argument("--skip-cpu", action="store_true")
     ap.add_argument("--tune", action="store_true", help="GPU only: time the scan kernel's launch settings")
+    ap.add_argument("--parts", action="store_true", help="GPU only: where the scan kernel's time goes")
+    ap.add_argument("--variants", type=int, default=len(PART_VARIANTS), help="--parts: the first N launch settings")
+    ap.add_argument("--channels", type=int, nargs="+", default=[128, 256, 1024], help="GPU: channel counts of the grid")
     a = ap.parse_args()
     out = open(a.json, "a") if a.json else None
 
@@ -231,10 +298,12 @@ def main() -> None:
     if not a.skip_cpu:
         bench_cpu(a.frames, a.repeat, log)
     if torch.cuda.is_available():
-        if a.tune:
+        if a.parts:
+            parts(torch.device("cuda"), a.repeat, log, variants=PART_VARIANTS[: a.variants])
+        elif a.tune:
             tune_gpu(a.repeat, log)
         else:
-            bench_gpu(a.repeat, log)
+            bench_gpu(a.repeat, log, a.channels)
 
 
 if __name__ == "__main__":

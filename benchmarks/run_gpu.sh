@@ -17,10 +17,16 @@ if [ -d .whl ]; then
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$OUT/gpu.txt"
-timeout 300 python3 benchmarks/bench_matcher.py --skip-cpu --json "$OUT/matcher.jsonl" 2>&1 | tee "$OUT/matcher.txt"
-DTM_PREFETCH_MB=4096 timeout 150 python3 benchmarks/bench_scan.py --frames 512 --per-shard 64 --channels 256 --grid 68 120 \
+# STEPS: which checks to run (all by default, in this order), so that a short lease can split them;
+# MATCHER_ARGS / PARTS_ARGS: more options for bench_matcher.py's table / --parts (e.g. --channels 256)
+STEPS=${STEPS:-"parts scan matcher extract index"}
+has() { case " $STEPS " in *" $1 "*) true ;; *) false ;; esac; }
+has parts && timeout 150 python3 benchmarks/bench_matcher.py --skip-cpu --parts ${PARTS_ARGS:-} --json "$OUT/parts.jsonl" 2>&1 \
+  | grep -v "^USDT\|^ERROR:.*gpuGetDeviceCount" | tee "$OUT/parts.txt"
+has scan && DTM_PREFETCH_MB=4096 timeout 150 python3 benchmarks/bench_scan.py --frames 512 --per-shard 64 --channels 256 --grid 68 120 \
   --cases 1x1 1x9 16x9 --batch-frames 64 --json "$OUT/scan.jsonl" 2>&1 | tee "$OUT/scan.txt"
-[ "${SKIP_EXTRACT:-0}" = 1 ] || timeout 150 python3 benchmarks/bench_extract.py 2>&1 | tee "$OUT/extract.txt"
+has matcher && timeout 240 python3 benchmarks/bench_matcher.py --skip-cpu ${MATCHER_ARGS:-} --json "$OUT/matcher.jsonl" 2>&1 | tee "$OUT/matcher.txt"
+has extract && timeout 90 python3 benchmarks/bench_extract.py 2>&1 | tee "$OUT/extract.txt"
 # 1080p JPEGs made by the bench itself (the GPU image has no demo videos nor PyAV)
-[ "${SKIP_EXTRACT:-0}" = 1 ] || timeout 150 python3 benchmarks/bench_index.py --synthetic 1920 1080 --frames 256 \
+has index && timeout 120 python3 benchmarks/bench_index.py --synthetic 1920 1080 --frames 256 \
   2>&1 | tee "$OUT/index.txt"

@@ -20,63 +20,13 @@ the reference loop).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from dtm_ops.matching import MAX_PRODUCT_BYTES, map_shape, product_chunks
 
 
-@functools.cache
 def _kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def shift_max(
-        P, valid, out_score, out_index,
-        H, W, oh, ow, h, w, n_blocks,
-        stride_pn, stride_pk,
-        BR: tl.constexpr, BW: tl.constexpr, WC: tl.constexpr,
-    ):
-        """One program: frame ``n``, template ``q``, map rows ``[rb*BR, rb*BR + BR)``.
-        ``WC``: the template width as a compile-time constant (its loop unrolled, so its
-        loads are in flight together), or 0 for a loop."""
-        n = tl.program_id(0)
-        q = tl.program_id(1)
-        rb = tl.program_id(2)
-        rows = rb * BR + tl.arange(0, BR)  # map rows: top-left row is rows - h // 2
-        cols = tl.arange(0, BW)
-        top = rows - h // 2
-        left = cols - w // 2
-        in_map = (rows < oh)[:, None] & (cols < ow)[None, :]
-        acc = tl.zeros([BR, BW], dtype=tl.float32)
-        base = P + n.to(tl.int64) * stride_pn + (q * h * w).to(tl.int64) * stride_pk
-        for u in range(0, h):
-            fr = top + u
-            row_ok = in_map & ((fr >= 0) & (fr < H))[:, None]
-            at = base + u * w * stride_pk + fr[:, None] * W
-            if WC > 0:
-                for v in tl.static_range(WC):
-                    fc = left + v
-                    ok = row_ok & ((fc >= 0) & (fc < W))[None, :]
-                    acc += tl.load(at + v * stride_pk + fc[None, :], mask=ok, other=0.0).to(tl.float32)
-            else:
-                for v in range(0, w):
-                    fc = left + v
-                    ok = row_ok & ((fc >= 0) & (fc < W))[None, :]
-                    acc += tl.load(at + v * stride_pk + fc[None, :], mask=ok, other=0.0).to(tl.float32)
-        vr = tl.load(valid + 2 * n)
-        vc = tl.load(valid + 2 * n + 1)
-        on_r = tl.minimum(top + h, vr) - tl.maximum(top, 0)
-        on_c = tl.minimum(left + w, vc) - tl.maximum(left, 0)
-        allowed = in_map & (on_r >= (h + 1) // 2)[:, None] & (on_c >= (w + 1) // 2)[None, :]
-        acc = tl.where(allowed, acc, float("-inf"))
-        best, at_max = tl.max(tl.reshape(acc, [BR * BW]), axis=0, return_indices=True)
-        index = (rb * BR + at_max // BW) * ow + at_max % BW
-        o = (n * tl.num_programs(1) + q) * n_blocks + rb
-        tl.store(out_score + o, best / (h * w))
-        tl.store(out_index + o, index)
+    from dtm_ops.shiftmax_kernel import shift_max
 
     return shift_max
 
@@ -94,12 +44,13 @@ def available(device: torch.device) -> bool:
     return True
 
 
-#: Launch settings: elements per program (``BR`` map rows x ``BW`` columns), warps, and
-#: whether the template-width loop is unrolled (compiled once per width). Chosen by
-#: ``benchmarks/bench_matcher.py --tune`` on an H200 (README "Matcher speed"): 512
-#: elements, 4 warps, unrolled was best or within 10% of best for templates 2x4 to 17x30
-#: with 1 and 16 queries.
-TUNING = {"elements": 512, "num_warps": 4, "unroll": True}
+#: Launch settings: elements per program (``BR`` map rows x ``BW`` columns), warps, whether
+#: the template-width loop (``unroll``) and the template-height loop (``unroll_rows``) are
+#: unrolled (compiled once per width / height), and whether one frame's row blocks are
+#: neighbouring programs (``blocks_first``). Chosen by ``benchmarks/bench_matcher.py --tune``
+#: on an H200 (README "Matcher speed"): 512 elements, 4 warps, width unrolled was best or
+#: within 10% of best for templates 2x4 to 17x30 with 1 and 16 queries.
+TUNING = {"elements": 512, "num_warps": 4, "unroll": True, "unroll_rows": False, "blocks_first": False}
 
 
 def group_best(
@@ -130,21 +81,52 @@ def group_best(
 
 
 def _launch(features: torch.Tensor, group: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`group_best` for one chunk: the GEMM, then the kernel over ``(frame, template,
-    block of map rows)``, then the best block per frame and template."""
+    """:func:`group_best` for one chunk: the GEMM (:func:`products`), then :func:`reduce`."""
+    return reduce(products(features, group), valid, features.shape[2:], group.shape[2:])
+
+
+def products(features: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Every template cell against every frame cell, one GEMM (tensor cores on CUDA).
+
+    Args:
+        features (Tensor[N, C, H, W]): frame features.
+        group (Tensor[m, C, h, w]): templates of one size, in the features' dtype.
+
+    Returns:
+        Tensor[N, m*h*w, H*W]: rows in ``(template, u, v)`` order.
+    """
     n, c, H, W = features.shape
     m, _, h, w = group.shape
-    cells = group.reshape(m, c, h * w).transpose(1, 2).reshape(m * h * w, c)  # rows (template, u, v)
-    prod = torch.matmul(cells, features.reshape(n, c, H * W))  # [N, m*h*w, H*W]
+    cells = group.reshape(m, c, h * w).transpose(1, 2).reshape(m * h * w, c)
+    return torch.matmul(cells, features.reshape(n, c, H * W))
+
+
+def reduce(
+    prod: torch.Tensor, valid: torch.Tensor, grid: tuple[int, int], template: tuple[int, int], **settings
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel over ``(frame, template, block of map rows)``, then the best block per
+    frame and template: :func:`group_best`'s result from the products.
+
+    Args:
+        prod (Tensor[N, m*h*w, H*W]): :func:`products`.
+        valid (Tensor[N, 2] int32): valid ``(rows, cols)`` per frame, contiguous.
+        grid, template: ``(H, W)`` and ``(h, w)``.
+        settings: launch settings overriding :data:`TUNING` (for the benchmarks).
+    """
+    (H, W), (h, w) = grid, template
+    n, m = prod.shape[0], prod.shape[1] // (h * w)
+    tune = {**TUNING, **settings}
     oh, ow = map_shape((H, W), (h, w))
     BW = max(16, 1 << (ow - 1).bit_length())
-    BR = max(1, min(64, TUNING["elements"] // BW, 1 << (oh - 1).bit_length()))
+    BR = max(1, min(64, tune["elements"] // BW, 1 << (oh - 1).bit_length()))
     blocks = -(-oh // BR)
-    score = torch.empty(n, m, blocks, device=features.device, dtype=torch.float32)
-    index = torch.empty(n, m, blocks, device=features.device, dtype=torch.int32)
-    _kernel()[(n, m, blocks)](
+    score = torch.empty(n, m, blocks, device=prod.device, dtype=torch.float32)
+    index = torch.empty(n, m, blocks, device=prod.device, dtype=torch.int32)
+    first = bool(tune["blocks_first"]) and n < 65536  # grid dimensions past the first: < 2**16
+    _kernel()[(blocks, m, n) if first else (n, m, blocks)](
         prod, valid, score, index, H, W, oh, ow, h, w, blocks, prod.stride(0), prod.stride(1),
-        BR=BR, BW=BW, WC=w if TUNING["unroll"] else 0, num_warps=TUNING["num_warps"],
+        BR=BR, BW=BW, WC=w if tune["unroll"] else 0, HC=h if tune["unroll_rows"] else 0, BLOCKS_FIRST=first,
+        num_warps=tune["num_warps"],
     )
     best, block = score.max(dim=2)  # ties: the first block, so the first position overall
     return best, index.gather(2, block[..., None])[..., 0].long()
