@@ -100,6 +100,20 @@ def product_chunks(n: int, m: int, pair_bytes: int, max_bytes: int) -> list[tupl
             for t in range(0, m, templates) for f in range(0, n, frames)]
 
 
+def template_cells(group: torch.Tensor, flip: bool = False) -> torch.Tensor:
+    """The GEMM operand of a size group: ``group (Tensor[m, C, h, w])`` -> ``Tensor[m*h*w, C]``,
+    rows in ``(template, u, v)`` order (``flip``: cells reversed in ``u`` and ``v``), contiguous.
+
+    Contiguous on purpose: for one template the reshape would otherwise be a view with a
+    leading dimension of ``h*w``, which is not 16-byte aligned for sizes such as 7x12, and
+    cuBLAS then takes a slower kernel (on an H200: an Ampere ``align2`` kernel at 1.7 TB/s,
+    against 3.7 TB/s for the aligned operand, ``benchmarks/results/speed/h200/parts.txt``).
+    """
+    m, c, h, w = group.shape
+    g = group.flip(2, 3) if flip else group
+    return g.reshape(m, c, h * w).transpose(1, 2).reshape(m * h * w, c).contiguous()
+
+
 def _fold_sum(prod: torch.Tensor, m: int, grid: tuple[int, int], template: tuple[int, int]) -> torch.Tensor:
     """``fold`` (col2im): ``P[n, m*h*w, H*W]`` of flipped cells -> ``Tensor[n, m, H+h-1, W+w-1]``."""
     (H, W), (h, w) = grid, template
@@ -145,7 +159,7 @@ def _group_products(
         max_bytes = min(max_bytes, max(CPU_CHUNK_BYTES, CPU_CHUNK_PAIRS * pair_bytes))
     for fs, ts in product_chunks(n, m, pair_bytes, max_bytes):
         part = group[ts]
-        cells = part.flip(2, 3).reshape(len(part), c, h * w).transpose(1, 2).reshape(-1, c)
+        cells = template_cells(part, flip=True)
         prod = torch.matmul(cells, features[fs].reshape(-1, c, H * W))  # [n', m'*h*w, H*W]
         sums = shifted_sum(prod, len(part), (H, W), (h, w))  # [n', m', H+h-1, W+w-1]
         out[fs, ts] = sums[:, :, r0 : r0 + oh, c0 : c0 + ow]
@@ -213,8 +227,9 @@ def _size_groups(
     """``valid`` on the features' device (default: the full grid), and the templates by
     size: ``((h, w), indices, group Tensor[m, C, h, w] in the features' dtype)``."""
     n, _, H, W = features.shape
-    if valid is None:
-        valid = torch.tensor([[H, W]], device=features.device).expand(n, 2)
+    if valid is None:  # made on the device: a copy from the host would wait for the GPU's queued work
+        valid = features.new_full((n, 2), H, dtype=torch.long)
+        valid[:, 1] = W
     by_size: dict[tuple[int, int], list[int]] = {}
     for k, t in enumerate(templates):
         by_size.setdefault((int(t.shape[1]), int(t.shape[2])), []).append(k)
@@ -317,9 +332,19 @@ def best_matches(
         else:
             best, at = candidates[method](*args)
         ow = map_shape((H, W), (h, w))[1]
-        sel = torch.tensor(idx, device=features.device)
+        sel = _rows(idx, features.device)
         score[sel], rows[sel], cols[sel] = best.T, (at // ow).T, (at % ow).T
     return score, rows, cols
+
+
+def _rows(idx: list[int], device: torch.device) -> slice | torch.Tensor:
+    """Index of a size group's rows in the results: a slice where ``idx`` is evenly spaced
+    (one template; or one scale of queries that each have the same scales), which needs
+    no index tensor copied from the host (a copy that waits for the GPU's queued work)."""
+    step = idx[1] - idx[0] if len(idx) > 1 else 1
+    if step > 0 and all(b - a == step for a, b in zip(idx, idx[1:])):
+        return slice(idx[0], idx[-1] + 1, step)
+    return torch.tensor(idx, device=device)
 
 
 def best_positions(smap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from dtm_ops.matching import MAX_PRODUCT_BYTES, map_shape, product_chunks
+from dtm_ops.matching import MAX_PRODUCT_BYTES, map_shape, product_chunks, template_cells
 
 
 def _kernel():
@@ -96,9 +96,7 @@ def products(features: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
         Tensor[N, m*h*w, H*W]: rows in ``(template, u, v)`` order.
     """
     n, c, H, W = features.shape
-    m, _, h, w = group.shape
-    cells = group.reshape(m, c, h * w).transpose(1, 2).reshape(m * h * w, c)
-    return torch.matmul(cells, features.reshape(n, c, H * W))
+    return torch.matmul(template_cells(group), features.reshape(n, c, H * W))
 
 
 def reduce(

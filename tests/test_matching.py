@@ -207,3 +207,33 @@ def test_product_chunks_by_hand():
     # 2 templates of 10 bytes fit 25; then 1 frame per chunk (2 frames x 2 x 10 > 25)
     assert product_chunks(5, 3, 10, 25)[:2] == [(slice(0, 1), slice(0, 2)), (slice(1, 2), slice(0, 2))]
     assert len(product_chunks(5, 3, 10, 25)) == 10
+
+
+@pytest.mark.parametrize("m,flip", [(1, False), (1, True), (3, False)])
+def test_template_cells_are_a_contiguous_matrix_in_template_row_column_order(m, flip):
+    """One row per template cell, by hand; contiguous also for one template, where a plain
+    reshape is a transposed view (the slow, unaligned GEMM operand)."""
+    g = torch.randn(m, 5, 3, 4)
+    cells = matching.template_cells(g, flip=flip)
+    assert cells.shape == (m * 12, 5) and cells.is_contiguous()
+    for k in range(m):
+        for u in range(3):
+            for v in range(4):
+                src = g[k, :, 2 - u, 3 - v] if flip else g[k, :, u, v]
+                assert torch.equal(cells[k * 12 + u * 4 + v], src)
+
+
+def test_size_groups_at_uneven_places_land_in_their_own_rows():
+    """Templates of one size at indices 0, 1, 3 (not evenly spaced: results placed through an
+    index tensor) and of another at 2 and 4 (evenly spaced: through a slice), against one
+    call per template."""
+    rng = np.random.default_rng(5)
+    feats = torch.from_numpy(np.stack([unit_cells(rng, (8, 6, 7)) for _ in range(3)])).float()
+    temps = [torch.from_numpy(unit_cells(rng, (8, *hw))).float() for hw in [(2, 3), (2, 3), (3, 1), (2, 3), (3, 1)]]
+    assert isinstance(matching._rows([0, 1, 3], feats.device), torch.Tensor)
+    assert matching._rows([2, 4], feats.device) == slice(2, 5, 2)
+    score, rows, cols = best_matches(feats, temps, method="fold")
+    for k, t in enumerate(temps):
+        want = best_matches(feats, [t], method="fold")
+        for got, one in zip((score, rows, cols), want):
+            assert torch.equal(got[k], one[0])
