@@ -113,7 +113,8 @@ class FeatureExtractor:
 
         Features are normalised in float32 and cast to ``dtype`` where they were computed,
         so a GPU copies ``dtype`` bytes back to the host (half of them for float16: the
-        copy of float32 features took most of an indexing batch on an H200).
+        copy of float32 features took most of an indexing batch on an H200), into
+        page-locked memory (:meth:`_host_buffer`).
         """
         x = pixels.to(self.device, non_blocking=True).float()  # uint8 crosses to a GPU: 1/4 of the bytes
         x = self.net.normalize(x)
@@ -133,7 +134,24 @@ class FeatureExtractor:
             rows, cols = self.valid_cells(size)
             f[n, :, rows:, :] = 0
             f[n, :, :, cols:] = 0
-        return f.to(dtype, memory_format=torch.contiguous_format).cpu()  # NCHW, whatever layout the network left
+        f = f.to(dtype, memory_format=torch.contiguous_format)  # NCHW, whatever layout the network left
+        if self.device.type != "cuda":
+            return f
+        host = self._host_buffer(f.shape, dtype)
+        host.copy_(f, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return host
+
+    def _host_buffer(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """An empty host tensor; page-locked where the network runs on CUDA, so that copies
+        to and from the GPU run at the bus's speed, need no CPU copy through the driver's
+        staging buffer, and the upload does not wait for the GPU (a pageable one does).
+
+        The cost: the features stay page-locked until their caller drops them (indexing:
+        until their shard is written, e.g. 4.3 GB for 256 frames of ResNet-50 ``layer3``
+        at 1080p in float16), and torch's caching host allocator keeps freed blocks for the
+        next batches rather than giving them back."""
+        return torch.empty(tuple(shape), dtype=dtype, pin_memory=self.device.type == "cuda")
 
     def extract_prepared(
         self, prepared: Sequence[Prepared], *, project: bool = True, dtype: torch.dtype = torch.float32
@@ -151,7 +169,8 @@ class FeatureExtractor:
         for idxs in groups.values():
             for start in range(0, len(idxs), self.batch_size):
                 chunk = idxs[start : start + self.batch_size]
-                pixels = torch.stack([prepared[i].pixels for i in chunk])
+                pixels = torch.stack([prepared[i].pixels for i in chunk], out=self._host_buffer(
+                    (len(chunk), *prepared[chunk[0]].pixels.shape), prepared[chunk[0]].pixels.dtype))
                 feats = self._forward(pixels, [prepared[i].size for i in chunk], project, dtype)
                 for i, f in zip(chunk, feats):
                     out[i] = f
