@@ -25,7 +25,7 @@ import torch
 
 from dtm_ops.demo import build_lake
 from dtm_ops.features import FeatureExtractor
-from dtm_ops.indexing import index_frames
+from dtm_ops.indexing import default_loader_workers, index_frames
 from dtm_ops.media import list_frames, load_frames, map_frames
 from dtm_ops.store import FeatureStore
 from timing import best_of
@@ -78,7 +78,7 @@ def main() -> None:
         what = f"demo lake JPEGs ({lake})"
     n = len(refs)
     ex = FeatureExtractor(weights=a.weights)
-    workers = min(8, os.cpu_count() or 1)
+    workers = max(2, default_loader_workers(ex.device))  # the CPU default (1) is the row above
     sync = torch.cuda.synchronize if ex.device.type == "cuda" else None
     where = torch.cuda.get_device_name() if ex.device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"\n{where}: indexing {n} frames, {what}; batches of {ex.batch_size}, best of {a.repeat}")

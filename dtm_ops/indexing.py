@@ -59,6 +59,20 @@ def extractor_for_store(
     return extractor
 
 
+def default_loader_workers(device: torch.device) -> int:
+    """Loader threads for indexing with the network on ``device``.
+
+    On a GPU, every core but the one that drives the GPU: there loading is the slow stage
+    (H200 box, ``benchmarks/results/speed/h200/index.txt``: 1080p JPEGs loaded at 225
+    frames/s on 8 threads of its 16 cores, the network ran at 2040). On the CPU 1, frames
+    loaded before each batch: the network keeps every core busy, and loading beside it
+    made indexing slower (``benchmarks/bench_index.py``).
+    """
+    if device.type != "cuda":
+        return 1
+    return max(1, min(32, (os.cpu_count() or 2) - 1))
+
+
 def index_frames(
     refs: Sequence[FrameRef],
     store: FeatureStore,
@@ -75,10 +89,7 @@ def index_frames(
     Re-running on the same frames adds nothing. ``pca_dim`` fits a projection on the
     first run (a store keeps its projection: later runs reuse it). ``loader_workers``:
     threads that read, decode and preprocess frames ahead of the network
-    (:func:`dtm_ops.media.map_frames`). Default: with the network on a GPU, one per core
-    (at most 8); on the CPU 1, frames loaded before each batch, since the network keeps
-    every core busy there and loading beside it made indexing slower
-    (``benchmarks/bench_index.py``).
+    (:func:`dtm_ops.media.map_frames`); default :func:`default_loader_workers`.
     """
     from tqdm import tqdm
 
@@ -96,7 +107,7 @@ def index_frames(
             store.save_projection(extractor.projection)
     todo = [r for r in refs if r.frame_id not in have]
     if loader_workers is None:
-        loader_workers = min(8, os.cpu_count() or 1) if extractor.device.type == "cuda" else 1
+        loader_workers = default_loader_workers(extractor.device)
     fp = extractor.fingerprint
     # float16 stores take float16 features from the extractor: cast where they were computed, so a GPU
     # copies half the bytes back (the same values: the store casts float32 ones the same way)
