@@ -215,8 +215,7 @@ def tune_gpu(repeat: int, log) -> None:
 
 #: ``--parts``: cases (C, template, Q) taken apart, and the kernel's launch settings tried on them.
 PART_CASES = [(256, (2, 4), 1), (256, (7, 12), 1), (256, (7, 12), 16), (256, (17, 30), 1), (1024, (2, 4), 1)]
-PART_VARIANTS = [{}, {"elements": 2048}, {"num_warps": 8}, {"unroll_rows": True}, {"blocks_first": True},
-                 {"blocks_first": True, "unroll_rows": True}]
+PART_VARIANTS = [{}, {"num_warps": 8}, {"elements": 2048}]
 
 
 def parts(dev: torch.device, repeat: int, log, grid=GPU_GRID, cases=PART_CASES, gb: float = 1.0,

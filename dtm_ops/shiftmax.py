@@ -44,13 +44,15 @@ def available(device: torch.device) -> bool:
     return True
 
 
-#: Launch settings: elements per program (``BR`` map rows x ``BW`` columns), warps, whether
-#: the template-width loop (``unroll``) and the template-height loop (``unroll_rows``) are
-#: unrolled (compiled once per width / height), and whether one frame's row blocks are
-#: neighbouring programs (``blocks_first``). Chosen by ``benchmarks/bench_matcher.py --tune``
-#: on an H200 (README "Matcher speed"): 512 elements, 4 warps, width unrolled was best or
-#: within 10% of best for templates 2x4 to 17x30 with 1 and 16 queries.
-TUNING = {"elements": 512, "num_warps": 4, "unroll": True, "unroll_rows": False, "blocks_first": False}
+#: Launch settings: elements per program (``BR`` map rows x ``BW`` columns), warps, and
+#: whether the template-width loop is unrolled (compiled once per width). Chosen on an H200
+#: (README "Matcher speed"): 512 elements, 4 warps, unrolled was best or within 10% of best
+#: for templates 2x4 to 17x30 with 1 and 16 queries (``bench_matcher.py --tune``); 2048
+#: elements, 8 warps, the height loop unrolled as well, or one frame's row blocks as
+#: neighbouring programs were no faster on the GEMM's products alone (``--parts``), except
+#: for 7x12 templates (8 warps 3-9%, neighbouring blocks 7% with 16 queries), and both ran
+#: 2x4 templates at about half the speed.
+TUNING = {"elements": 512, "num_warps": 4, "unroll": True}
 
 
 def group_best(
@@ -120,11 +122,9 @@ def reduce(
     blocks = -(-oh // BR)
     score = torch.empty(n, m, blocks, device=prod.device, dtype=torch.float32)
     index = torch.empty(n, m, blocks, device=prod.device, dtype=torch.int32)
-    first = bool(tune["blocks_first"]) and n < 65536  # grid dimensions past the first: < 2**16
-    _kernel()[(blocks, m, n) if first else (n, m, blocks)](
+    _kernel()[(n, m, blocks)](
         prod, valid, score, index, H, W, oh, ow, h, w, blocks, prod.stride(0), prod.stride(1),
-        BR=BR, BW=BW, WC=w if tune["unroll"] else 0, HC=h if tune["unroll_rows"] else 0, BLOCKS_FIRST=first,
-        num_warps=tune["num_warps"],
+        BR=BR, BW=BW, WC=w if tune["unroll"] else 0, num_warps=tune["num_warps"],
     )
     best, block = score.max(dim=2)  # ties: the first block, so the first position overall
     return best, index.gather(2, block[..., None])[..., 0].long()

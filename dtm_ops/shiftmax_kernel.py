@@ -29,20 +29,14 @@ def shift_max(
     P, valid, out_score, out_index,
     H, W, oh, ow, h, w, n_blocks,
     stride_pn, stride_pk,
-    BR: tl.constexpr, BW: tl.constexpr, WC: tl.constexpr, HC: tl.constexpr, BLOCKS_FIRST: tl.constexpr,
+    BR: tl.constexpr, BW: tl.constexpr, WC: tl.constexpr,
 ):
     """One program: frame ``n``, template ``q``, map rows ``[rb*BR, rb*BR + BR)``.
-    ``WC`` / ``HC``: the template width / height as a compile-time constant (that loop
-    unrolled, so its loads are in flight together), or 0 for a loop. ``BLOCKS_FIRST``:
-    the row blocks of one frame are neighbouring programs (grid ``(blocks, m, n)``),
-    else the frames are (grid ``(n, m, blocks)``)."""
-    if BLOCKS_FIRST:
-        rb = tl.program_id(0)
-        n = tl.program_id(2)
-    else:
-        n = tl.program_id(0)
-        rb = tl.program_id(2)
+    ``WC``: the template width as a compile-time constant (its loop unrolled, so its loads
+    are in flight together), or 0 for a loop."""
+    n = tl.program_id(0)
     q = tl.program_id(1)
+    rb = tl.program_id(2)
     rows = rb * BR + tl.arange(0, BR)  # map rows: top-left row is rows - h // 2
     cols = tl.arange(0, BW)
     top = rows - h // 2
@@ -50,12 +44,8 @@ def shift_max(
     in_map = (rows < oh)[:, None] & (cols < ow)[None, :]
     acc = tl.zeros([BR, BW], dtype=tl.float32)
     base = P + n.to(tl.int64) * stride_pn + (q * h * w).to(tl.int64) * stride_pk
-    if HC > 0:
-        for u in tl.static_range(HC):
-            acc = _add_row(acc, base, top + u, left, in_map, u, H, W, w, stride_pk, WC)
-    else:
-        for u in range(0, h):
-            acc = _add_row(acc, base, top + u, left, in_map, u, H, W, w, stride_pk, WC)
+    for u in range(0, h):
+        acc = _add_row(acc, base, top + u, left, in_map, u, H, W, w, stride_pk, WC)
     vr = tl.load(valid + 2 * n)
     vc = tl.load(valid + 2 * n + 1)
     on_r = tl.minimum(top + h, vr) - tl.maximum(top, 0)
