@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 7 in one go, for a lent GPU machine (device tool); results in $OUT.
-#   bash benchmarks/run_gpu.sh
+# The GPU checks of issue 7 in one go, for a lent GPU machine (device tool); results in $OUT:
+# one .txt per step and every measurement as a JSON line in results.jsonl (the device tool
+# returns at most 8 files).
+#   bash benchmarks/run_gpu.sh                    # about 6.5 minutes on an H200
+#   STEPS="parts matcher" bash benchmarks/run_gpu.sh
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
@@ -21,11 +24,11 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", tr
 # MATCHER_ARGS / PARTS_ARGS: more options for bench_matcher.py's table / --parts (e.g. --channels 256)
 STEPS=${STEPS:-"parts scan matcher extract index"}
 has() { case " $STEPS " in *" $1 "*) true ;; *) false ;; esac; }
-has parts && timeout 150 python3 benchmarks/bench_matcher.py --skip-cpu --parts ${PARTS_ARGS:-} --json "$OUT/parts.jsonl" 2>&1 \
+has parts && timeout 150 python3 benchmarks/bench_matcher.py --skip-cpu --parts ${PARTS_ARGS:-} --json "$OUT/results.jsonl" 2>&1 \
   | grep -v "^USDT\|^ERROR:.*gpuGetDeviceCount" | tee "$OUT/parts.txt"
 has scan && DTM_PREFETCH_MB=4096 timeout 150 python3 benchmarks/bench_scan.py --frames 512 --per-shard 64 --channels 256 --grid 68 120 \
-  --cases 1x1 1x9 16x9 --batch-frames 64 --json "$OUT/scan.jsonl" 2>&1 | tee "$OUT/scan.txt"
-has matcher && timeout 240 python3 benchmarks/bench_matcher.py --skip-cpu ${MATCHER_ARGS:-} --json "$OUT/matcher.jsonl" 2>&1 | tee "$OUT/matcher.txt"
+  --cases 1x1 1x9 16x9 --batch-frames 64 --json "$OUT/results.jsonl" 2>&1 | tee "$OUT/scan.txt"
+has matcher && timeout 240 python3 benchmarks/bench_matcher.py --skip-cpu ${MATCHER_ARGS:-} --json "$OUT/results.jsonl" 2>&1 | tee "$OUT/matcher.txt"
 has extract && timeout 90 python3 benchmarks/bench_extract.py 2>&1 | tee "$OUT/extract.txt"
 # 1080p JPEGs made by the bench itself (the GPU image has no demo videos nor PyAV)
 has index && timeout 120 python3 benchmarks/bench_index.py --synthetic 1920 1080 --frames 256 \
