@@ -2,6 +2,9 @@
 
 - loading alone: frames read, decoded and preprocessed (``FeatureExtractor.prepare_frame``)
   one after another, and on the loader's worker threads (:func:`dtm_ops.media.map_frames`);
+  one after another also with JPEGs decoded in full before the resize (the policy before
+  ``reduced_decode``, :mod:`dtm_ops.preprocess`; the same where frames are not resized to
+  half or less, as the demo lake's);
 - network alone: the extractor on frames already prepared (``extract_frames``);
 - indexing: :func:`dtm_ops.indexing.index_frames` into a local store, with loading one frame
   after another before each batch (``loader_workers=1``, the default with the network on
@@ -18,6 +21,8 @@ frames decoded from a video file.
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import os
 import tempfile
 
@@ -26,7 +31,7 @@ import torch
 from dtm_ops.demo import build_lake
 from dtm_ops.features import FeatureExtractor
 from dtm_ops.indexing import default_loader_workers, index_frames
-from dtm_ops.media import list_frames, load_frames, map_frames
+from dtm_ops.media import list_frames, map_frames
 from dtm_ops.store import FeatureStore
 from timing import best_of
 
@@ -70,7 +75,7 @@ def main() -> None:
         refs, what = list_frames(a.video)[: a.frames], os.path.basename(a.video)
     elif a.synthetic:
         folder = synthetic_jpegs(os.path.join(tempfile.gettempdir(), "dtm-bench-jpegs"), a.frames, *a.synthetic)
-        refs, what = list_frames(folder), f"generated {a.synthetic[0]}x{a.synthetic[1]} JPEGs"
+        refs, what = list_frames(folder)[: a.frames], f"generated {a.synthetic[0]}x{a.synthetic[1]} JPEGs"
     else:
         lake = build_lake(os.path.join(tempfile.gettempdir(), "dtm-bench-lake"))
         every = list_frames(lake)
@@ -83,18 +88,21 @@ def main() -> None:
     where = torch.cuda.get_device_name() if ex.device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"\n{where}: indexing {n} frames, {what}; batches of {ex.batch_size}, best of {a.repeat}")
 
+    full = copy.copy(ex)  # the same network, JPEGs decoded in full
+    full.preprocess = dataclasses.replace(ex.preprocess, reduced_decode=False)
     frames = [f for _, f in map_frames(refs, ex.prepare_frame, workers=workers)]
     rows = {
-        "loading, one after another": lambda: [ex.prepare_frame(im) for _, im in load_frames(refs)],
+        "loading, one after another": lambda: list(map_frames(refs, ex.prepare_frame, workers=1)),
+        "same, JPEGs decoded in full": lambda: list(map_frames(refs, full.prepare_frame, workers=1)),
         f"loading, {workers} worker threads": lambda: list(map_frames(refs, ex.prepare_frame, workers=workers)),
         "network alone": lambda: [ex.extract_frames(frames[s : s + ex.batch_size], dtype=torch.float16)
                                   for s in range(0, n, ex.batch_size)],  # float16 out, as indexing asks
     }
 
-    def index(loader_workers: int):
+    def index(loader_workers: int, extractor: FeatureExtractor = ex):
         def run():
             with tempfile.TemporaryDirectory() as d:
-                index_frames(refs, FeatureStore.open(d), ex, loader_workers=loader_workers)
+                index_frames(refs, FeatureStore.open(d), extractor, loader_workers=loader_workers)
         return run
 
     # every row warmed up once: kernel picks, the page cache, the allocator
@@ -102,10 +110,19 @@ def main() -> None:
     slowest = max(seconds[f"loading, {workers} worker threads"], seconds["network alone"])
     seconds["indexing, loading before each batch"] = best_of(index(1), a.repeat, sync, warm_up=True)
     seconds[f"indexing, loading ahead on {workers} threads"] = best_of(index(workers), a.repeat, sync, warm_up=True)
+    # the default (the CPU: loading before each batch; a GPU: ahead), JPEGs decoded in full
+    default = "indexing, loading before each batch" if ex.device.type != "cuda" else \
+        f"indexing, loading ahead on {workers} threads"
+    before = "same as the default, JPEGs decoded in full"
+    seconds[before] = best_of(index(1 if ex.device.type != "cuda" else workers, full), a.repeat, sync, warm_up=True)
     for name, s in seconds.items():
-        line = f"  {name:<38}: {n / s:8.1f} frames/s"
+        line = f"  {name:<42}: {n / s:8.1f} frames/s"
         if name.startswith("indexing"):
             line += f"  indexing / slowest stage = {slowest / s:.2f}"
+        if name == before:
+            line += f"  default / this = {s / seconds[default]:.2f}"
+        if name == "same, JPEGs decoded in full":
+            line += f"  reduced decode / this = {s / seconds['loading, one after another']:.2f}"
         print(line)
 
 

@@ -99,6 +99,9 @@ def _extractor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--long-side", type=int, default=640, help="frames are resized to this long side in pixels (default 640)")
     p.add_argument("--weights", default=None, help="local weights file (required for torchvision backbones)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    p.add_argument("--full-decode", action="store_true",
+                   help="decode JPEGs in full before resizing (default: at a reduced size where the resize at least "
+                        "halves them); adding frames to a feature set indexed before reduced decoding needs it")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -111,7 +114,8 @@ def cmd_extract(a: argparse.Namespace) -> int:
 
     refs = [r for s in a.sources for r in list_frames(s, step=a.step)]
     extractor = FeatureExtractor(
-        a.backbone, a.layer, long_side=a.long_side, weights=a.weights, device=a.device, batch_size=a.batch_size
+        a.backbone, a.layer, long_side=a.long_side, weights=a.weights, device=a.device, batch_size=a.batch_size,
+        reduced_decode=not a.full_decode,
     )
     t = time.perf_counter()
     report = index_frames(

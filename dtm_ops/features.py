@@ -11,6 +11,7 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -19,6 +20,9 @@ from dtm_ops import backbones
 from dtm_ops.fingerprint import Fingerprint
 from dtm_ops.preprocess import Prepared, Preprocess
 from dtm_ops.projection import Projection
+
+if TYPE_CHECKING:
+    from dtm_ops.media import EncodedImage
 
 
 @dataclass
@@ -57,6 +61,9 @@ class FeatureExtractor:
         backbone: registry name (see :mod:`dtm_ops.backbones`).
         layer: the backbone's layer to match on (default: the backbone's default).
         long_side: frames are resized so their long side is this many pixels.
+        reduced_decode: JPEG files read by indexing are decoded at a reduced size where the
+            resize at least halves them (:mod:`dtm_ops.preprocess`); off: as feature sets
+            indexed before this option were.
         weights: ``None`` for packaged weights, a local file, or ``"random"``.
         projection: optional PCA applied after per-position normalisation.
         device: default CUDA when present, else CPU (CUDA runs in fp16 autocast).
@@ -73,10 +80,11 @@ class FeatureExtractor:
         projection: Projection | None = None,
         device: str | torch.device | None = None,
         batch_size: int = 8,
+        reduced_decode: bool = True,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         self.net = backbones.build(backbone, layer, weights).to(self.device, memory_format=torch.channels_last)
-        self.preprocess = Preprocess(long_side=long_side, multiple=max(32, self.net.stride))
+        self.preprocess = Preprocess(long_side=long_side, multiple=max(32, self.net.stride), reduced_decode=reduced_decode)
         self.projection = projection
         self.batch_size = batch_size
 
@@ -176,13 +184,14 @@ class FeatureExtractor:
                     out[i] = f
         return out  # type: ignore[return-value]
 
-    def extract(self, images: Sequence[Image.Image], *, project: bool = True) -> list[FrameFeatures]:
+    def extract(self, images: Sequence[Image.Image | EncodedImage], *, project: bool = True) -> list[FrameFeatures]:
         """Frame features at the frame scale of the preprocessing policy."""
         return self.extract_frames([self.prepare_frame(im) for im in images], project=project)
 
-    def prepare_frame(self, image: Image.Image) -> tuple[Prepared, tuple[int, int]]:
+    def prepare_frame(self, image: Image.Image | EncodedImage) -> tuple[Prepared, tuple[int, int]]:
         """A frame preprocessed at the frame scale, with its original ``(width, height)``:
-        the CPU half of :meth:`extract`, which indexing runs on worker threads."""
+        the CPU half of :meth:`extract`, which indexing runs on worker threads (decoding
+        included, for an image file: :class:`~dtm_ops.media.EncodedImage`)."""
         return self.preprocess(image), image.size
 
     def extract_frames(

@@ -11,7 +11,7 @@ import torch
 
 from dtm_ops.errors import FeatureStoreError
 from dtm_ops.features import FeatureExtractor
-from dtm_ops.media import FrameRef, load_frames, map_frames
+from dtm_ops.media import FrameRef, map_frames
 from dtm_ops.projection import Projection
 from dtm_ops.store.format import FrameEntry
 from dtm_ops.store import FeatureStore
@@ -31,9 +31,8 @@ def fit_projection(
     step = max(1, len(refs) // sample_frames)
     sample = list(refs[::step])[:sample_frames]
     positions = []
-    for _ref, image in load_frames(sample):
-        ff = extractor.extract([image], project=False)[0]
-        r, c = ff.valid
+    for _ref, ff in map_frames(sample, lambda image: extractor.extract([image], project=False)[0], workers=1):
+        r, c = ff.valid  # frames decoded as indexing decodes them
         positions.append(ff.features[:, :r, :c].reshape(ff.features.shape[0], -1).T)
     x = torch.cat(positions)
     if x.shape[0] > max_positions:
@@ -50,6 +49,7 @@ def extractor_for_store(
         fp.backbone,
         fp.layer,
         long_side=int(fp.preprocess["long_side"]),
+        reduced_decode=bool(fp.preprocess.get("reduced_decode", False)),  # absent: indexed before it
         weights=weights,
         projection=store.projection(),
         device=device,

@@ -41,6 +41,22 @@ def features(lake):
     return feats, r.stdout
 
 
+def test_full_decode_keeps_adding_to_a_feature_set_from_before_reduced_decoding(lake, tmp_path):
+    """A set indexed with ``--full-decode`` has the fingerprint of sets indexed before the
+    option; the default extractor is refused there, and the flag adds to it."""
+    from dtm_ops.store import FeatureStore
+
+    feats = tmp_path / "features"
+    r = run("extract", str(lake / "lake"), "--features", str(feats), "--full-decode", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert FeatureStore.open(str(feats)).manifest().fingerprint.preprocess == {"long_side": 640, "multiple": 32}
+    refused = run("extract", str(lake / "lake"), "--features", str(feats), "--no-progress")
+    assert refused.returncode != 0 and "another feature extractor" in refused.stderr
+    assert "reduced_decode" in refused.stderr
+    again = run("extract", str(lake / "lake"), "--features", str(feats), "--full-decode", "--no-progress")
+    assert again.returncode == 0 and "indexed 0 new frames (25 already present)" in again.stdout
+
+
 def test_help_explains_each_option():
     out = run("search", "--help")
     assert out.returncode == 0

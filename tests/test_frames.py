@@ -13,10 +13,12 @@ import torch
 from PIL import Image
 
 from dtm_ops.errors import InputError
-from dtm_ops.media import FrameRef, list_frames, load_frames, map_frames
+from dtm_ops.media import EncodedImage, FrameRef, decoded, list_frames, load_frames, map_frames
 
 
-def _digest(image: Image.Image) -> tuple:
+def _digest(image: EncodedImage | Image.Image) -> tuple:
+    """What a frame holds; image files come to map_frames' function not decoded yet."""
+    image = decoded(image)
     a = np.asarray(image)
     return image.size, int(a.astype(np.int64).sum()), a[::37, ::53].tobytes()
 
@@ -159,3 +161,115 @@ def test_preprocess_keeps_the_resized_bytes_and_pads_with_zeros(size, scale):
     assert got.pixels.dtype == torch.uint8 and got.pixels.shape == (3, 32, 64 if size == (50, 30) else 32)
     assert (got.pixels[:, :h, :w].permute(1, 2, 0).numpy() == want).all()
     assert int(got.pixels[:, h:, :].sum()) == 0 and int(got.pixels[:, :, w:].sum()) == 0
+
+
+# ------------------------------------------------------------------ reduced decoding
+def _photo(width: int, height: int, seed: int = 3) -> Image.Image:
+    """Smooth shapes and some noise: a JPEG of it decodes like a camera frame."""
+    from PIL import ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    im = Image.new("RGB", (width, height), (90, 120, 150))
+    draw = ImageDraw.Draw(im)
+    for _ in range(30):
+        x, y, r = int(rng.integers(0, width)), int(rng.integers(0, height)), int(rng.integers(width // 30, width // 6))
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    a = np.asarray(im.filter(ImageFilter.GaussianBlur(2)), dtype=np.int16) + rng.integers(-10, 11, (height, width, 3))
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def big_jpeg(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("jpeg") / "000007.jpg"
+    _photo(1925, 1083).save(path, quality=92)  # odd sizes: the reduced ones round up
+    return str(path)
+
+
+def test_a_jpeg_decodes_at_the_largest_reduction_still_large_enough(big_jpeg, tmp_path):
+    """1/k of each side, rounded up, for the largest k of 1, 2, 4, 8 with k times the size
+    asked for within the full size (sizes computed by hand); PNGs decode in full."""
+    from dtm_ops.media import read_image
+
+    enc = read_image(big_jpeg)
+    assert isinstance(enc, EncodedImage) and enc.size == (1925, 1083)
+    assert enc.decode().size == (1925, 1083)
+    assert enc.decode((641, 361)).size == (963, 542)  # k=2
+    assert enc.decode((962, 541)).size == (963, 542)  # 2 x 962 <= 1925: k=2
+    assert enc.decode((963, 300)).size == (1925, 1083)  # 2 x 963 > 1925: k=1
+    assert enc.decode((400, 200)).size == (482, 271)  # k=4
+    assert enc.decode((100, 100)).size == (241, 136)  # k=8, the decoder's largest
+    png = tmp_path / "a.png"
+    Image.open(big_jpeg).save(png)
+    assert read_image(png).decode((100, 100)).size == (1925, 1083)
+
+
+def test_preprocess_decodes_a_jpeg_reduced_to_nearly_the_same_pixels(big_jpeg):
+    """Same geometry as a full decode (sizes and scale of the full image); pixels within a
+    few grey levels of the full decode's resize; with the option off, exactly those."""
+    from dtm_ops.media import read_image
+    from dtm_ops.preprocess import Preprocess
+
+    full = Image.open(big_jpeg).convert("RGB")
+    want = np.asarray(full.resize((640, 360), Image.Resampling.BILINEAR, reducing_gap=None)).astype(np.int16)
+    reduced = Preprocess(long_side=640)(read_image(big_jpeg))
+    exact = Preprocess(long_side=640, reduced_decode=False)(read_image(big_jpeg))
+    for got in (reduced, exact):
+        assert got.size == (640, 360) and got.scale == 640 / 1925 and got.pixels.shape == (3, 384, 640)
+    assert (exact.pixels[:, :360].permute(1, 2, 0).numpy() == want).all()
+    diff = np.abs(reduced.pixels[:, :360].permute(1, 2, 0).numpy().astype(np.int16) - want)
+    assert 0 < diff.mean() < 2.0 and np.percentile(diff, 99) <= 12
+    assert int(reduced.pixels[:, 360:].sum()) == 0
+
+
+def test_the_policy_before_reduced_decoding_keeps_its_fingerprint():
+    """Feature sets indexed before the option recorded ``{long_side, multiple}`` only."""
+    from dtm_ops.preprocess import Preprocess
+
+    assert Preprocess(reduced_decode=False).to_dict() == {"long_side": 640, "multiple": 32}
+    assert Preprocess().to_dict() == {"long_side": 640, "multiple": 32, "reduced_decode": True}
+
+
+def test_indexing_decodes_jpegs_reduced_and_records_the_full_size(big_jpeg, random_extractor, tmp_path):
+    """Stored features are those of the reduced decode (the same as the extractor gives
+    for the not-yet-decoded file), not of a full decode; the entry keeps the full image's
+    size and the scale from it. A store from before the option reopens with its policy."""
+    import dataclasses
+
+    from dtm_ops.indexing import extractor_for_store, index_frames
+    from dtm_ops.media import read_image
+    from dtm_ops.store import FeatureStore
+
+    refs = list_frames(big_jpeg)
+    store = FeatureStore.open(tmp_path / "store")
+    index_frames(refs, store, random_extractor, dtype="float32")
+    entry = store.manifest().shards[0].frames[0]
+    assert (entry.width, entry.height) == (1925, 1083) and entry.scale == 128 / 1925
+    stored = next(iter(store.iter_shards()))[1][0]
+    assert torch.equal(stored, random_extractor.extract([read_image(big_jpeg)])[0].features)
+    full = random_extractor.extract([Image.open(big_jpeg).convert("RGB")])[0].features
+    assert not torch.equal(stored, full)
+    assert extractor_for_store(store, weights="random", device="cpu").preprocess.reduced_decode
+
+    old = dataclasses.replace(random_extractor.preprocess, reduced_decode=False)
+    assert "reduced_decode" not in old.to_dict()
+    random_extractor.preprocess, kept = old, random_extractor.preprocess
+    try:
+        index_frames(refs, FeatureStore.open(tmp_path / "old"), random_extractor, dtype="float32")
+    finally:
+        random_extractor.preprocess = kept
+    reopened = extractor_for_store(FeatureStore.open(tmp_path / "old"), weights="random", device="cpu")
+    assert not reopened.preprocess.reduced_decode
+
+
+def test_a_jpeg_that_cannot_be_decoded_names_its_frame(big_jpeg, random_extractor, tmp_path):
+    """A truncated file has a readable header: the error comes at decode time, on a loader
+    thread, and still names the frame and the field."""
+    data = open(big_jpeg, "rb").read()
+    bad = tmp_path / "lake" / "000003.jpg"
+    bad.parent.mkdir()
+    bad.write_bytes(data[: len(data) // 3])
+    (tmp_path / "lake" / "000001.jpg").write_bytes(data)
+    refs = list_frames(tmp_path / "lake")
+    with pytest.raises(InputError, match="not a readable image") as err:
+        list(map_frames(refs, random_extractor.prepare_frame, workers=2))
+    assert err.value.record == "000003" and err.value.field == "image" and str(bad) in str(err.value)

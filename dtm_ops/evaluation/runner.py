@@ -50,11 +50,12 @@ class EvalConfig:
 
 def _cache_key(es: EvalSet, cfg: EvalConfig, layer: str) -> str:
     """Cached features belong to one set where it lies (frames are found by their paths:
-    a moved set is indexed again) and to one extractor."""
+    a moved set is indexed again) and to one extractor (``rd``: JPEGs decoded reduced,
+    :mod:`dtm_ops.preprocess`; caches from before it are not reused)."""
     import hashlib
 
     where = hashlib.sha256(str(es.root.resolve()).encode()).hexdigest()[:8]
-    return f"{cfg.backbone}-{layer}-{cfg.long_side}-{where}"
+    return f"{cfg.backbone}-{layer}-{cfg.long_side}-rd-{where}"
 
 
 def _index(es: EvalSet, cfg: EvalConfig, out: Path):
@@ -76,7 +77,7 @@ def _pooled_frames(es: EvalSet, cfg: EvalConfig, out: Path, extractor) -> tuple[
     from safetensors.torch import load_file, save_file
 
     from dtm_ops.evaluation.rankers import embed_frames
-    from dtm_ops.media import open_image
+    from dtm_ops.media import read_image
 
     path = out / "cache" / f"pooled-{_cache_key(es, cfg, cfg.pooled_layer)}.safetensors"
     ids = [f.frame_id for f in es.frames]
@@ -85,7 +86,7 @@ def _pooled_frames(es: EvalSet, cfg: EvalConfig, out: Path, extractor) -> tuple[
         meta = json.loads((path.with_suffix(".json")).read_text())
         if meta["ids"] == ids:
             return d["avg"], d["gem"]
-    images = [open_image(es.path(f.image)) for f in es.frames]
+    images = [read_image(es.path(f.image)) for f in es.frames]  # decoded as indexing decodes them
     avg, gem = embed_frames(extractor, images)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"avg": avg.contiguous(), "gem": gem.contiguous()}, str(path))
