@@ -22,7 +22,7 @@ from dtm_ops.preprocess import Prepared, Preprocess
 from dtm_ops.projection import Projection
 
 if TYPE_CHECKING:
-    from dtm_ops.media import EncodedImage
+    from dtm_ops.media import LazyImage
 
 
 @dataclass
@@ -84,7 +84,9 @@ class FeatureExtractor:
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         self.net = backbones.build(backbone, layer, weights).to(self.device, memory_format=torch.channels_last)
-        self.preprocess = Preprocess(long_side=long_side, multiple=max(32, self.net.stride), reduced_decode=reduced_decode)
+        self.preprocess = Preprocess(
+            long_side=long_side, multiple=max(32, self.net.stride), reduced_decode=reduced_decode
+        )
         self.projection = projection
         self.batch_size = batch_size
 
@@ -184,14 +186,14 @@ class FeatureExtractor:
                     out[i] = f
         return out  # type: ignore[return-value]
 
-    def extract(self, images: Sequence[Image.Image | EncodedImage], *, project: bool = True) -> list[FrameFeatures]:
+    def extract(self, images: Sequence[Image.Image | LazyImage], *, project: bool = True) -> list[FrameFeatures]:
         """Frame features at the frame scale of the preprocessing policy."""
         return self.extract_frames([self.prepare_frame(im) for im in images], project=project)
 
-    def prepare_frame(self, image: Image.Image | EncodedImage) -> tuple[Prepared, tuple[int, int]]:
+    def prepare_frame(self, image: Image.Image | LazyImage) -> tuple[Prepared, tuple[int, int]]:
         """A frame preprocessed at the frame scale, with its original ``(width, height)``:
         the CPU half of :meth:`extract`, which indexing runs on worker threads (decoding
-        included, for an image file: :class:`~dtm_ops.media.EncodedImage`)."""
+        included, for a frame not decoded yet: :class:`~dtm_ops.media.LazyImage`)."""
         return self.preprocess(image), image.size
 
     def extract_frames(

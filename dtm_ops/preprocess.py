@@ -5,12 +5,13 @@ Geometry only: resize keeping the aspect ratio so the long side is ``long_side``
 multiple of the backbone's largest stride. Intensity normalisation belongs to the
 backbone. The policy is recorded in every feature set's fingerprint.
 
-A JPEG that is not decoded yet (:class:`dtm_ops.media.EncodedImage`: how indexing reads
-image files) is decoded at a reduced size where the resize would at least halve it
-(``reduced_decode``): the decoder's 1/2, 1/4 or 1/8 scaling, then the same resize from
-there. The pixels differ from a full decode's by about half a grey level on average (a
-1080p frame to 640x360), and decoding and resizing take half the time or less. Frames
-resized by less than half (the demo lake's) are decoded in full either way.
+A frame not converted to RGB yet (:class:`dtm_ops.media.LazyImage`: how indexing reads
+frames) is decoded at a reduced size where the resize at least halves it
+(``reduced_decode``): a JPEG by its decoder's 1/2, 1/4 or 1/8 scaling, then the same
+resize from there; a video frame by FFmpeg's scaler straight from the codec's pixels to
+the resized size. The pixels differ from a full decode's by about one grey level on
+average (a 1080p frame to 640x360), and decoding and resizing take half the time or less.
+Frames resized by less than half (the demo lake's) are decoded in full either way.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from dtm_ops.media import EncodedImage
+    from dtm_ops.media import LazyImage
 
 
 @dataclass(frozen=True)
@@ -52,24 +53,24 @@ class Preprocess:
         """Scale that brings an image's long side to ``long_side``."""
         return self.long_side / max(width, height)
 
-    def __call__(self, image: "Image.Image | EncodedImage", scale: float | None = None) -> Prepared:
+    def __call__(self, image: "Image.Image | LazyImage", scale: float | None = None) -> Prepared:
         """Resize ``image`` by ``scale`` (default: :meth:`frame_scale`) and pad it.
 
         Resized size is ``round(width * scale) x round(height * scale)`` (at least 1x1),
         of the full image's size; the pad is zeros up to the next multiple of ``multiple``.
-        An :class:`~dtm_ops.media.EncodedImage` is decoded here (reduced: see the module).
+        A :class:`~dtm_ops.media.LazyImage` is decoded here (reduced: see the module).
         """
         import numpy as np
         import torch
         from PIL import Image
 
-        from dtm_ops.media import EncodedImage
+        from dtm_ops.media import LazyImage
 
         if scale is None:
             scale = self.frame_scale(*image.size)
         w = max(1, round(image.size[0] * scale))
         h = max(1, round(image.size[1] * scale))
-        if isinstance(image, EncodedImage):
+        if isinstance(image, LazyImage):
             image = image.decode((w, h) if self.reduced_decode else None)
         resized = image.convert("RGB")
         if (w, h) != resized.size:

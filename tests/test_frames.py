@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 
 from dtm_ops.errors import InputError
-from dtm_ops.media import EncodedImage, FrameRef, decoded, list_frames, load_frames, map_frames
+from dtm_ops.media import EncodedImage, FrameRef, LazyImage, decoded, list_frames, load_frames, map_frames
 
 
-def _digest(image: EncodedImage | Image.Image) -> tuple:
-    """What a frame holds; image files come to map_frames' function not decoded yet."""
+def _digest(image: LazyImage | Image.Image) -> tuple:
+    """What a frame holds; frames come to map_frames' function not decoded yet."""
     image = decoded(image)
     a = np.asarray(image)
     return image.size, int(a.astype(np.int64).sum()), a[::37, ::53].tobytes()
@@ -143,7 +143,8 @@ def test_indexing_stores_the_float32_features_cast_to_the_store_dtype(mixed, tmp
     store = FeatureStore.open(tmp_path / dtype)
     index_frames(refs, store, random_extractor, dtype=dtype)
     stored = torch.cat([f for _, f, _ in store.iter_shards()])
-    want = torch.stack([ff.features for ff in random_extractor.extract([im for _, im in load_frames(refs)])])
+    frames = [im for _, im in map_frames(refs, lambda im: im, workers=1)]  # as indexing reads them
+    want = torch.stack([ff.features for ff in random_extractor.extract(frames)])
     assert want.dtype == torch.float32 and stored.dtype == getattr(torch, dtype)
     assert torch.equal(stored, want.to(stored.dtype))
 
@@ -219,6 +220,26 @@ def test_preprocess_decodes_a_jpeg_reduced_to_nearly_the_same_pixels(big_jpeg):
     diff = np.abs(reduced.pixels[:, :360].permute(1, 2, 0).numpy().astype(np.int16) - want)
     assert 0 < diff.mean() < 2.0 and np.percentile(diff, 99) <= 12
     assert int(reduced.pixels[:, 360:].sum()) == 0
+
+
+@pytest.mark.parametrize("index", [3, 150])
+def test_a_video_frame_is_scaled_straight_to_the_size_asked_for(bikes_path, bikes_frames, index):
+    """Where the size asked for halves the frame or more, FFmpeg's scaler makes exactly
+    that size; its pixels are within a few grey levels of the full conversion resized by
+    Pillow (a bias of about one: the full conversion rounds less accurately). Otherwise,
+    and without a size, the frame is the full conversion itself (the fixture's decode)."""
+    from dtm_ops.media import VideoFrameImage, read_image
+
+    frame = read_image(f"{bikes_path}#frame={index}")
+    assert isinstance(frame, VideoFrameImage) and frame.size == (640, 272)
+    assert np.array_equal(np.asarray(frame.decode()), np.asarray(bikes_frames[index]))
+    assert np.array_equal(np.asarray(frame.decode((321, 100))), np.asarray(bikes_frames[index]))  # 642 > 640
+    for size in [(320, 136), (128, 54), (213, 91)]:
+        got = np.asarray(frame.decode(size)).astype(np.int16)
+        want = np.asarray(bikes_frames[index].resize(size, Image.Resampling.BILINEAR, reducing_gap=None))
+        diff = got - want.astype(np.int16)
+        assert got.shape == (size[1], size[0], 3)
+        assert abs(diff.mean()) < 2.0 and np.percentile(np.abs(diff), 99) <= 6
 
 
 def test_the_policy_before_reduced_decoding_keeps_its_fingerprint():
