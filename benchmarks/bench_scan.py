@@ -75,24 +75,47 @@ def queries(n: int, scales: int, channels: int, centred: bool = False) -> list[P
 
 def matcher_alone(store: FeatureStore, shards, prepared: list[PreparedQuery], device: torch.device,
                   batch_frames: int) -> float:
-    """Seconds for the scan's per-batch work over all frames, the features already in memory."""
+    """Seconds for the scan's per-batch work over all frames, the features already in memory:
+    the dtype change as the scan makes it (:func:`dtm_ops.transfer.feed`), matching, best
+    positions."""
     from dtm_ops.centering import center
     from dtm_ops.matching import best_matches
+    from dtm_ops.transfer import feed
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     feats = [(f.to(device), v.to(device)) for _, f, v in store.iter_shards(shards)]
     templates = [t.features.to(device, dtype) for p in prepared for t in p.templates]
     mu = prepared[0].lake_mean
 
-    def run() -> None:
+    def batches():
         for f, v in feats:
             for s in range(0, len(f), batch_frames):
-                best_matches(center(f[s : s + batch_frames].to(dtype), mu, dim=1), templates, v[s : s + batch_frames])
+                yield None, f[s : s + batch_frames], v[s : s + batch_frames]
+
+    def run() -> None:
+        for _, f, v in feed(batches(), device, dtype):
+            best_matches(center(f, mu, dim=1), templates, v)
         if device.type == "cuda":
             torch.cuda.synchronize()
 
     run()  # the method pick
     return best_of(run, 2)
+
+
+def fresh_copies(fn):
+    """``fn()`` with the scan's CPU feeder converting each batch into a fresh tensor, as it
+    did before :func:`dtm_ops.transfer.feed` reused one buffer."""
+    import dtm_ops.search
+
+    def fresh(batches, device, dtype):
+        for meta, features, valid in batches:
+            yield meta, features.to(dtype), valid
+
+    kept, dtm_ops.search.feed = dtm_ops.search.feed, fresh
+    try:
+        return fn()
+    finally:
+        dtm_ops.search.feed = kept
 
 
 def busy_during(fn) -> float:
@@ -174,6 +197,10 @@ def main() -> None:
             print(f"  {'matcher alone, ' + label:<31}: {total / 1e6 / t_match:8.0f} MB/s {a.frames / t_match:9.0f} frames/s")
             print(f"  {'scan, ' + label:<31}: {total / 1e6 / t_scan:8.0f} MB/s {a.frames / t_scan:9.0f} frames/s  "
                   f"scan / raw read = {t_raw / t_scan:.2f}")
+            if not cuda and case == a.cases[0]:  # the CPU scan before the reused buffer, side by side
+                t_fresh = best_of(lambda: fresh_copies(lambda: searcher.scan(store, prepared, shards)), a.repeat)
+                print(f"  {'same, a fresh float32 copy':<31}: {total / 1e6 / t_fresh:8.0f} MB/s "
+                      f"{a.frames / t_fresh:9.0f} frames/s  scan / this = {t_fresh / t_scan:.2f}")
             if log:
                 log.write(json.dumps({"kind": "scan", "store": "s3" if a.s3 else "local", "device": name,
                                       "queries": nq, "scales": ns, "center": a.center, "frames": a.frames,
