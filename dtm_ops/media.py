@@ -4,6 +4,11 @@ A *frame source* is a string: an image path or ``s3://bucket/key`` URI, or
 ``VIDEO#frame=N`` for the 0-based frame ``N`` of a local video file. Frame ids are stable
 names used in results and stores. S3 is reached with the default S3 settings
 (:func:`dtm_ops.store.objects.default_s3_config`).
+
+Loaders hand frames on before they become RGB images (:class:`LazyImage`: a file's bytes,
+or a video frame in the codec's pixel format), so that whoever prepares the pixels decodes
+them at the size it needs (:mod:`dtm_ops.preprocess`); :func:`open_image` and
+:func:`load_frames` decode in full.
 """
 
 from __future__ import annotations
@@ -100,7 +105,6 @@ class EncodedImage(LazyImage):
         try:
             with Image.open(io.BytesIO(data)) as im:  # the header only
                 self.size: tuple[int, int] = im.size
-                self.format: str | None = im.format
         except (UnidentifiedImageError, OSError) as exc:
             raise self._error(exc) from None
 
