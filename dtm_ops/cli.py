@@ -100,8 +100,9 @@ def _extractor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=None, help="local weights file (required for torchvision backbones)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     p.add_argument("--full-decode", action="store_true",
-                   help="decode JPEGs in full before resizing (default: at a reduced size where the resize at least "
-                        "halves them); adding frames to a feature set indexed before reduced decoding needs it")
+                   help="decode frames (JPEGs, video frames) in full before resizing (default: at a reduced size "
+                        "where the resize at least halves them); adding frames to a feature set indexed before "
+                        "reduced decoding needs it")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

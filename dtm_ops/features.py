@@ -61,9 +61,9 @@ class FeatureExtractor:
         backbone: registry name (see :mod:`dtm_ops.backbones`).
         layer: the backbone's layer to match on (default: the backbone's default).
         long_side: frames are resized so their long side is this many pixels.
-        reduced_decode: JPEG files read by indexing are decoded at a reduced size where the
-            resize at least halves them (:mod:`dtm_ops.preprocess`); off: as feature sets
-            indexed before this option were.
+        reduced_decode: frames read by indexing (JPEG files, video frames) are decoded at a
+            reduced size where the resize at least halves them (:mod:`dtm_ops.preprocess`);
+            off: in full, as feature sets indexed before this option were.
         weights: ``None`` for packaged weights, a local file, or ``"random"``.
         projection: optional PCA applied after per-position normalisation.
         device: default CUDA when present, else CPU (CUDA runs in fp16 autocast).

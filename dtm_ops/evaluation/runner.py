@@ -50,7 +50,7 @@ class EvalConfig:
 
 def _cache_key(es: EvalSet, cfg: EvalConfig, layer: str) -> str:
     """Cached features belong to one set where it lies (frames are found by their paths:
-    a moved set is indexed again) and to one extractor (``rd``: JPEGs decoded reduced,
+    a moved set is indexed again) and to one extractor (``rd``: frames decoded reduced,
     :mod:`dtm_ops.preprocess`; caches from before it are not reused)."""
     import hashlib
 
