@@ -139,7 +139,9 @@ def main() -> None:
     ap.add_argument("--channels", type=int, default=112)
     ap.add_argument("--grid", type=int, nargs=2, default=(30, 40))
     ap.add_argument("--cases", nargs="+", default=["1x1", "1x9", "16x9"], help="QUERIESxSCALES (at most 9 scales)")
-    ap.add_argument("--batch-frames", type=int, default=32)
+    ap.add_argument("--batch-frames", type=int, nargs="+", default=[0],
+                    help="frames matched per step; several: each side by side; 0: the Searcher's default for the "
+                         "device (default)")
     ap.add_argument("--center", action="store_true", help="mean-centred matching (Searcher(center=True))")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--json", help="also write one JSON line per measurement here")
@@ -186,30 +188,36 @@ def main() -> None:
               f"{a.frames / t_reader:9.0f} frames/s")
         log = open(a.json, "a") if a.json else None
         # Searcher.scan needs only the extractor's device and stride: the templates are made here.
-        searcher = Searcher(SimpleNamespace(device=device, stride=16), top_k=20, batch_frames=a.batch_frames)
-        for case in a.cases:
+        searchers = {bf: Searcher(SimpleNamespace(device=device, stride=16), top_k=20, batch_frames=bf or None)
+                     for bf in a.batch_frames}
+        sample = next(store.iter_shards(shards[:1]))[1]
+        for case, (bf, searcher) in ((c, s) for c in a.cases for s in searchers.items()):
             nq, ns = map(int, case.split("x"))
             prepared = queries(nq, ns, a.channels, a.center)
             searcher.scan(store, prepared, shards[:1])  # warm-up: the matcher's method pick
             t_scan = best_of(lambda: searcher.scan(store, prepared, shards), a.repeat)
-            t_match = matcher_alone(store, shards, prepared, device, a.batch_frames)
+            t_match = matcher_alone(store, shards, prepared, device, searcher.frames_per_step(sample))
             label = f"{nq} quer{'y' if nq == 1 else 'ies'} x {ns} scale{'s' if ns > 1 else ''}"
-            print(f"  {'matcher alone, ' + label:<31}: {total / 1e6 / t_match:8.0f} MB/s {a.frames / t_match:9.0f} frames/s")
-            print(f"  {'scan, ' + label:<31}: {total / 1e6 / t_scan:8.0f} MB/s {a.frames / t_scan:9.0f} frames/s  "
+            if len(searchers) > 1:
+                label += f", {searcher.frames_per_step(sample)}{'' if bf else ' (default)'} a step"
+            w = 31 if len(searchers) == 1 else 58
+            print(f"  {'matcher alone, ' + label:<{w}}: {total / 1e6 / t_match:8.0f} MB/s {a.frames / t_match:9.0f} frames/s")
+            print(f"  {'scan, ' + label:<{w}}: {total / 1e6 / t_scan:8.0f} MB/s {a.frames / t_scan:9.0f} frames/s  "
                   f"scan / raw read = {t_raw / t_scan:.2f}")
-            if not cuda and case == a.cases[0]:  # the CPU scan before the reused buffer, side by side
+            if not cuda and case == a.cases[0] and bf == a.batch_frames[0]:  # before the reused buffer
                 t_fresh = best_of(lambda: fresh_copies(lambda: searcher.scan(store, prepared, shards)), a.repeat)
-                print(f"  {'same, a fresh float32 copy':<31}: {total / 1e6 / t_fresh:8.0f} MB/s "
+                print(f"  {'same, a fresh float32 copy':<{w}}: {total / 1e6 / t_fresh:8.0f} MB/s "
                       f"{a.frames / t_fresh:9.0f} frames/s  scan / this = {t_fresh / t_scan:.2f}")
             if log:
                 log.write(json.dumps({"kind": "scan", "store": "s3" if a.s3 else "local", "device": name,
                                       "queries": nq, "scales": ns, "center": a.center, "frames": a.frames,
+                                      "frames_per_step": searcher.frames_per_step(sample),
                                       "bytes": total, "raw_seq_s": t_seq, "raw_par_s": t_par, "reader_s": t_reader,
                                       "raw_busy": busy, "matcher_s": t_match, "scan_s": t_scan,
                                       "ratio": t_raw / t_scan}) + "\n")
         if device.type == "cuda":  # the GPU scan (fp16, pinned copies) finds what the CPU scan (fp32) finds
             prepared = queries(1, 9, a.channels)
-            gpu = searcher.scan(store, prepared, shards[:2])["q0"].items()
+            gpu = searchers[a.batch_frames[0]].scan(store, prepared, shards[:2])["q0"].items()
             cpu = Searcher(SimpleNamespace(device=torch.device("cpu"), stride=16), top_k=20).scan(store, prepared, shards[:2])["q0"].items()
             worst = max(abs(x[0] - y[0]) for x, y in zip(gpu, cpu))
             same = sum(x[1] == y[1] for x, y in zip(gpu, cpu))

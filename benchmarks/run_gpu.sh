@@ -29,8 +29,8 @@ STEPS=${STEPS:-"parts scan matcher extract index video"}
 has() { case " $STEPS " in *" $1 "*) true ;; *) false ;; esac; }
 has parts && timeout 150 python3 benchmarks/bench_matcher.py --skip-cpu --parts ${PARTS_ARGS:-} --json "$OUT/results.jsonl" 2>&1 \
   | grep -v "^USDT\|^ERROR:.*gpuGetDeviceCount" | tee "$OUT/parts.txt"
-has scan && DTM_PREFETCH_MB=4096 timeout 150 python3 benchmarks/bench_scan.py --frames 512 --per-shard 64 --channels 256 --grid 68 120 \
-  --cases 1x1 1x9 16x9 --batch-frames 64 --json "$OUT/results.jsonl" 2>&1 | tee "$OUT/scan.txt"
+has scan && DTM_PREFETCH_MB=4096 timeout 150 python3 benchmarks/bench_scan.py --frames 512 --per-shard 256 --channels 256 --grid 68 120 \
+  --cases 1x1 1x9 16x9 --batch-frames 64 0 --json "$OUT/results.jsonl" 2>&1 | tee "$OUT/scan.txt"
 has matcher && timeout 240 python3 benchmarks/bench_matcher.py --skip-cpu ${MATCHER_ARGS:-} --json "$OUT/results.jsonl" 2>&1 | tee "$OUT/matcher.txt"
 has extract && timeout 90 python3 benchmarks/bench_extract.py 2>&1 | tee "$OUT/extract.txt"
 # 1080p JPEGs made by the bench itself (the GPU image has no demo videos); 180 s, not the H200 run's 120:

@@ -33,6 +33,19 @@ Mode = Literal["any", "all"]
 #: Calibration reads frames from at most this many shards (evenly spaced over the store).
 CALIBRATION_SHARDS = 8
 
+#: Frames matched per step on the CPU: in a scan of the default layer's features on this
+#: project's 2-core CPU, 32 was as fast as 64 or faster, and faster than 128, with one
+#: query, one query at 9 scales and 16 queries (5.1-5.3k, 0.6-0.7k, 2.2-2.4k frames/s).
+CPU_BATCH_FRAMES = 32
+
+#: Features matched per step on CUDA, in bytes (at most ``MAX_GPU_BATCH_FRAMES`` frames):
+#: 128 frames of C=256 at 68x120 in float16. A step costs the host a fixed time to launch
+#: (on an H200, one 2x4 template over 239 frames: 580 us a call for 283 us of GPU work,
+#: ``benchmarks/results/speed/h200/parts.txt``), so small steps leave the GPU idle; this
+#: bounds the memory of a step and of the next one in flight instead.
+GPU_BATCH_BYTES = 512 << 20
+MAX_GPU_BATCH_FRAMES = 1024
+
 
 @dataclass
 class Query:
@@ -167,7 +180,8 @@ class Searcher:
         center: match mean-centred cells (:mod:`dtm_ops.centering`), the mean taken over the
             calibration sample; needs calibration frames. Off by default: neutral in the
             retrieval evaluation (README "Retrieval quality").
-        batch_frames: frames matched per step (bounds memory).
+        batch_frames: frames matched per step (bounds memory); default
+            :data:`CPU_BATCH_FRAMES` on the CPU, :data:`GPU_BATCH_BYTES` of features on CUDA.
     """
 
     def __init__(
@@ -181,7 +195,7 @@ class Searcher:
         calibration_frames: int = 64,
         center: bool = False,
         max_upsample: float = MAX_UPSAMPLE,
-        batch_frames: int = 32,
+        batch_frames: int | None = None,
         progress: bool = False,
     ) -> None:
         self.extractor = extractor
@@ -249,11 +263,22 @@ class Searcher:
         for entry, feats, valid in store.iter_shards([shards[i] for i in picked]):
             rows = [r for r in range(len(entry.frames)) if offset + r in wanted]
             offset += len(entry.frames)
-            for start in range(0, len(rows), self.batch_frames):
-                sel = rows[start : start + self.batch_frames]
+            step = self.frames_per_step(feats)
+            for start in range(0, len(rows), step):
+                sel = rows[start : start + step]
                 yield feats[sel].float(), valid[sel], [entry.frames[r].sequence for r in sel]
 
     # ------------------------------------------------------------ scan
+    def frames_per_step(self, features: torch.Tensor) -> int:
+        """Frames matched per step for a shard's ``features (Tensor[N, C, H, W])``:
+        ``batch_frames`` where given, else the device's default (see the constructor)."""
+        if self.batch_frames is not None:
+            return self.batch_frames
+        if self.device.type != "cuda":
+            return CPU_BATCH_FRAMES
+        frame_bytes = features[0].numel() * 2  # matched in float16 on CUDA
+        return max(1, min(MAX_GPU_BATCH_FRAMES, GPU_BATCH_BYTES // max(1, frame_bytes)))
+
     def search(self, store: FeatureStore, queries: Sequence[Query], *, heatmaps: bool = True) -> dict[str, list[Hit]]:
         """Run every query in one pass over the store; returns hits per query, best first."""
         prepared = self.prepare(queries, store)
@@ -286,8 +311,9 @@ class Searcher:
 
         def batches():
             for entry, feats, valid in store.iter_shards(shards, pin_memory=cuda):
-                for start in range(0, len(entry.frames), self.batch_frames):
-                    sl = slice(start, start + self.batch_frames)
+                step = self.frames_per_step(feats)
+                for start in range(0, len(entry.frames), step):
+                    sl = slice(start, start + step)
                     yield (entry, sl), feats[sl], valid[sl]
 
         for (entry, sl), f, v in feed(batches(), self.device, self._dtype()):

@@ -1,4 +1,4 @@
-"""The scan's host-to-device feeder (CPU path here; the CUDA path runs in the GPU benchmark)."""
+"""The scan's host-to-device feeder (CPU path here; the CUDA path runs in the GPU benchmark) and its step."""
 
 from __future__ import annotations
 
@@ -21,3 +21,22 @@ def test_feed_keeps_order_and_values_and_converts_dtype():
         seen.append(i)
     assert seen == list(range(6))
     assert list(feed(iter([]), torch.device("cpu"), torch.float32)) == []
+
+
+def test_frames_per_step_by_device():
+    """The scan's step: as given; else 32 frames on the CPU, and on CUDA as many frames as
+    hold 512 MiB of float16 features, at most 1024 (counts worked out by hand)."""
+    from types import SimpleNamespace
+
+    from dtm_ops.search import Searcher
+
+    def step(device: str, features: torch.Tensor, **kw) -> int:
+        return Searcher(SimpleNamespace(device=torch.device(device), stride=16), **kw).frames_per_step(features)
+
+    big = torch.empty(2, 256, 68, 120, dtype=torch.float16)  # 4,177,920 bytes a frame in float16
+    small = torch.empty(2, 112, 30, 40, dtype=torch.float16)  # 268,800 bytes: 1997 frames in 512 MiB
+    assert step("cpu", big) == 32 and step("cpu", small) == 32
+    assert step("cuda", big) == 128  # 536,870,912 // 4,177,920
+    assert step("cuda", big.float()) == 128  # matched in float16 whatever the store holds
+    assert step("cuda", small) == 1024
+    assert step("cuda", big, batch_frames=7) == 7 and step("cpu", small, batch_frames=64) == 64
