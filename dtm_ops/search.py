@@ -33,9 +33,10 @@ Mode = Literal["any", "all"]
 #: Calibration reads frames from at most this many shards (evenly spaced over the store).
 CALIBRATION_SHARDS = 8
 
-#: Frames matched per step on the CPU: in a scan of the default layer's features on this
-#: project's 2-core CPU, 32 was as fast as 64 or faster, and faster than 128, with one
-#: query, one query at 9 scales and 16 queries (5.1-5.3k, 0.6-0.7k, 2.2-2.4k frames/s).
+#: Frames matched per step on the CPU: in scans of the default layer's features on this
+#: project's 2-core CPU with one query, one query at 9 scales and 16 queries, 32 was the
+#: fastest of 8, 16, 32, 64 and 128 in each case (4582, 508 and 1926 frames/s; the others
+#: 0.67-0.92x of that), ``benchmarks/results/speed/scan-cpu-steps.txt``.
 CPU_BATCH_FRAMES = 32
 
 #: Features matched per step on CUDA, in bytes (at most ``MAX_GPU_BATCH_FRAMES`` frames):
