@@ -2,7 +2,8 @@
 # The GPU checks of issue 7 in one go, for a lent GPU machine (device tool); results in $OUT:
 # one .txt per step and every measurement as a JSON line in results.jsonl (the device tool
 # returns at most 8 files).
-#   bash benchmarks/run_gpu.sh                    # about 6.5 minutes on an H200
+#   bash benchmarks/run_gpu.sh                    # 6.5 minutes on an H200 before the video step and
+#                                                 # the scan's second step size were added
 #   STEPS="parts matcher" bash benchmarks/run_gpu.sh
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu}

@@ -13,6 +13,7 @@ them at the size it needs (:mod:`dtm_ops.preprocess`); :func:`open_image` and
 
 from __future__ import annotations
 
+import abc
 import functools
 import operator
 import os
@@ -71,7 +72,7 @@ def _bucket(bucket: str, config):
     return S3ObjectStore(bucket, "", config)
 
 
-class LazyImage:
+class LazyImage(abc.ABC):
     """A frame not converted to a PIL image yet: its full ``size`` is known, and
     :meth:`decode` makes the image, in full or, where the caller will shrink it to
     ``at_least`` by half or more, at a reduced size for less work. The reduced decode is
@@ -80,8 +81,9 @@ class LazyImage:
 
     size: tuple[int, int]
 
+    @abc.abstractmethod
     def decode(self, at_least: tuple[int, int] | None = None) -> Image.Image:
-        raise NotImplementedError
+        """The frame as an RGB image: in full, or reduced where ``at_least`` allows."""
 
 
 class EncodedImage(LazyImage):
@@ -119,12 +121,21 @@ class EncodedImage(LazyImage):
             with Image.open(io.BytesIO(self.data)) as im:
                 if at_least is not None and im.format == "JPEG":
                     im.draft("RGB", at_least)
-                return im.convert("RGB")
+                im.load()
+                return im if im.mode == "RGB" else im.convert("RGB")  # convert would copy an RGB image
         except (UnidentifiedImageError, OSError) as exc:
             raise self._error(exc) from None
 
     def _error(self, exc: Exception) -> InputError:
         return InputError(f"not a readable image ({exc})", source=self.source, record=self.record, field=self.field)
+
+
+#: FFmpeg's scaler flags for a reduced video frame: bilinear (its filter widens with the
+#: reduction, as Pillow's does); bit-exact and accurately rounded, so the pixels do not
+#: depend on the CPU's SIMD path; chroma interpolated at full width (against a full
+#: conversion and Pillow's resize, 99th percentile of the difference 5 grey levels instead
+#: of 14, for 10% more time).
+VIDEO_SCALING = ("BILINEAR", "ACCURATE_RND", "BITEXACT", "FULL_CHR_H_INT")
 
 
 class VideoFrameImage(LazyImage):
@@ -158,14 +169,6 @@ class VideoFrameImage(LazyImage):
         except av.error.FFmpegError as exc:
             raise InputError(f"video frame cannot be converted ({exc})", source=self.source, record=self.record,
                              field=self.field) from None
-
-
-#: FFmpeg's scaler flags for a reduced video frame: bilinear (its filter widens with the
-#: reduction, as Pillow's does); bit-exact and accurately rounded, so the pixels do not
-#: depend on the CPU's SIMD path; chroma interpolated at full width (against a full
-#: conversion and Pillow's resize, 99th percentile of the difference 5 grey levels instead
-#: of 14, for 10% more time).
-VIDEO_SCALING = ("BILINEAR", "ACCURATE_RND", "BITEXACT", "FULL_CHR_H_INT")
 
 
 def read_image(path: str | os.PathLike, *, record: object = None, field: str = "image") -> LazyImage:

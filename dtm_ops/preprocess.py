@@ -72,7 +72,7 @@ class Preprocess:
         h = max(1, round(image.size[1] * scale))
         if isinstance(image, LazyImage):
             image = image.decode((w, h) if self.reduced_decode else None)
-        resized = image.convert("RGB")
+        resized = image if image.mode == "RGB" else image.convert("RGB")  # convert copies an RGB image
         if (w, h) != resized.size:
             resized = resized.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=None)
         pw = math.ceil(w / self.multiple) * self.multiple
