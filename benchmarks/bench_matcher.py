@@ -106,6 +106,32 @@ def check(features: torch.Tensor, templates: list[torch.Tensor], tol: float, met
     return err
 
 
+#: Calls issued back to back before one sync, for the "streamed" columns: throughput as a
+#: scan over batches sees it, where one call's Python and launch work overlaps the GPU work
+#: of the calls before it (one call timed alone pays both, one after the other).
+STREAM = 4
+
+
+def streamed(fn, calls: int = STREAM):
+    """``fn`` called ``calls`` times with no sync between (time it, divide by ``calls``)."""
+    return lambda: [fn() for _ in range(calls)]
+
+
+def graphed(fn):
+    """``fn`` captured as a CUDA graph, after a warm-up on a side stream as
+    ``torch.cuda.graph`` asks: ``(graph, outputs of the captured call)``. Replays rerun the
+    same kernels on the same memory, with none of the call's Python or launch work."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def unit(shape, g, device, dtype) -> torch.Tensor:
     return F.normalize(torch.randn(*shape, generator=g), dim=-3).to(device, dtype)
 
@@ -148,8 +174,10 @@ def bench_gpu(repeat: int, log, channels=(128, 256, 1024)) -> None:
     hbm = hbm_read_gbps(dev)
     print(f"\n{torch.cuda.get_device_name()}, fp16, {GPU_GRID[0]}x{GPU_GRID[1]} grid; HBM read {hbm:.0f} GB/s (measured)")
     log({"kind": "env", "device": torch.cuda.get_device_name(), "torch": torch.__version__, "hbm_read_GBps": hbm})
+    print(f"one call timed alone, and (streamed) {STREAM} calls back to back before one sync")
     print(f"{'C':>5} {'tmpl':>6} {'Q':>3} {'N':>4} {'engine f/s':>11} {'GB/s':>6} {'%HBM':>5} {'conv2d f/s':>11} "
-          f"{'vs conv2d':>9} {'max err':>8} {'picked':>6} {'shift f/s':>10}")
+          f"{'vs conv2d':>9} {'max err':>8} {'picked':>6} {'shift f/s':>10} {'streamed':>9} {'GB/s':>6} {'%HBM':>5} "
+          f"{'conv2d':>9} {'vs conv2d':>9}")
     g = torch.Generator().manual_seed(0)
     for C in channels:
         frames = max(32, min(512, int(1e9 / (C * GPU_GRID[0] * GPU_GRID[1] * 2))))
@@ -161,14 +189,18 @@ def bench_gpu(repeat: int, log, channels=(128, 256, 1024)) -> None:
                 t_e = timeit(lambda: engine(feats, temps), repeat, sync)
                 t_c = timeit(lambda: batched_conv(feats, temps), repeat, sync)
                 t_s = timeit(lambda: engine(feats, temps, "shift"), repeat, sync)
+                t_es = timeit(streamed(lambda: engine(feats, temps)), repeat, sync) / STREAM
+                t_cs = timeit(streamed(lambda: batched_conv(feats, temps)), repeat, sync) / STREAM
                 err = max(check(feats[:2], temps, 2e-2), check(feats[:2], temps, 2e-2, "shift"))
-                fe, fc, fs = frames / t_e, frames / t_c, frames / t_s
-                gbps = fe * per_frame / 1e9
+                fe, fc, fs, fes, fcs = (frames / t for t in (t_e, t_c, t_s, t_es, t_cs))
+                gbps, gbps_s = fe * per_frame / 1e9, fes * per_frame / 1e9
                 pick = [v for k, v in matching._picked.items() if k[0] == "best" and k[4] == (Q, C, h, w) and k[5] == len(feats).bit_length()][0]
                 print(f"{C:>5} {h:>2}x{w:<3} {Q:>3} {frames:>4} {fe:>11.0f} {gbps:>6.0f} {100 * gbps / hbm:>4.0f}% "
-                      f"{fc:>11.0f} {fe / fc:>8.2f}x {err:>8.1e} {pick:>6} {fs:>10.0f}", flush=True)
+                      f"{fc:>11.0f} {fe / fc:>8.2f}x {err:>8.1e} {pick:>6} {fs:>10.0f} {fes:>9.0f} {gbps_s:>6.0f} "
+                      f"{100 * gbps_s / hbm:>4.0f}% {fcs:>9.0f} {fes / fcs:>8.2f}x", flush=True)
                 log({"kind": "gpu", "C": C, "h": h, "w": w, "Q": Q, "N": frames, "engine_fps": fe, "conv_fps": fc,
-                     "shift_fps": fs, "picked": pick, "feat_GBps": gbps, "hbm_share": gbps / hbm, "max_err": err})
+                     "shift_fps": fs, "picked": pick, "feat_GBps": gbps, "hbm_share": gbps / hbm, "max_err": err,
+                     "engine_streamed_fps": fes, "conv_streamed_fps": fcs, "streamed_hbm_share": gbps_s / hbm})
         del feats
         torch.cuda.empty_cache()
     C, (h, w) = 256, (7, 12)
@@ -217,6 +249,39 @@ def tune_gpu(repeat: int, log) -> None:
 #: ``--parts``: cases (C, template, Q) taken apart, and the kernel's launch settings tried on them.
 PART_CASES = [(256, (2, 4), 1), (256, (7, 12), 1), (256, (7, 12), 16), (256, (17, 30), 1), (1024, (2, 4), 1)]
 PART_VARIANTS = [{}, {"num_warps": 8}, {"elements": 2048}]
+#: ``--parts``: bounds on the products of one GEMM tried for the whole method (``max_bytes``):
+#: the default, and chunks small enough to stay in an H100/H200's 50-60 MB L2 cache between
+#: the GEMM that writes them and the kernel that reads them.
+PART_CHUNKS = (matching.MAX_PRODUCT_BYTES, 64 << 20, 24 << 20)
+
+
+def call_costs(feats: torch.Tensor, group: torch.Tensor, repeat: int, sync, calls: int = 8) -> list[dict]:
+    """The whole ``shift`` method at each bound of :data:`PART_CHUNKS`: frames/s of one call
+    timed alone, of ``calls`` calls streamed, and on CUDA of replays of a CUDA graph of the
+    call (alone and streamed: the GPU's work without the call's Python and launch work),
+    with whether the graph's results equal the call's."""
+    n, temps, out = len(feats), list(group), []
+    for max_bytes in PART_CHUNKS:
+        def call():
+            return best_matches(feats, temps, method="shift", max_bytes=max_bytes)
+
+        row = {"max_bytes": max_bytes, "alone": n / timeit(call, repeat, sync),
+               "streamed": n * calls / timeit(streamed(call, calls), repeat, sync)}
+        if feats.is_cuda:
+            try:  # reported, not fatal: the rest of the one GPU run still counts
+                want = call()
+                graph, got = graphed(call)
+                graph.replay()
+                sync()
+                row["graph_same"] = all(torch.equal(a, b) for a, b in zip(got, want))
+                row["graph"] = n / timeit(graph.replay, repeat, sync)
+                row["graph_streamed"] = n * calls / timeit(streamed(graph.replay, calls), repeat, sync)
+                del graph, got, want
+            except Exception as e:  # noqa: BLE001
+                row["graph_error"] = f"{type(e).__name__}: {e}"[:200]
+            torch.cuda.empty_cache()
+        out.append(row)
+    return out
 
 
 def parts(dev: torch.device, repeat: int, log, grid=GPU_GRID, cases=PART_CASES, gb: float = 1.0,
@@ -252,6 +317,7 @@ def parts(dev: torch.device, repeat: int, log, grid=GPU_GRID, cases=PART_CASES, 
                  "prod_GBps": prod_b / t / 1e9, "same": same})
         prod = None  # its memory back before the whole method runs
         t_all = timeit(lambda: engine(feats, list(group), "shift"), repeat, sync)
+        costs = call_costs(feats, group, repeat, sync)
         acts = [ProfilerActivity.CUDA] if dev.type == "cuda" else [ProfilerActivity.CPU]  # kernels only
         with profile(activities=acts) as prof:
             for _ in range(repeat):
@@ -270,6 +336,13 @@ def parts(dev: torch.device, repeat: int, log, grid=GPU_GRID, cases=PART_CASES, 
                   + ("" if same else "  RESULT DIFFERS"))
         for name, us in kernels[:6]:
             print(f"    {us:9.1f} us  {name[:90]}")
+        for r in costs:
+            graph = (f"; CUDA graph alone {r['graph']:.0f}, streamed {r['graph_streamed']:.0f}"
+                     + ("" if r["graph_same"] else "  GRAPH RESULT DIFFERS")) if "graph" in r else ""
+            graph += f"; CUDA graph failed: {r['graph_error']}" if "graph_error" in r else ""
+            print(f"    products at most {r['max_bytes'] >> 20} MiB a GEMM: one call alone {r['alone']:.0f} frames/s, "
+                  f"streamed {r['streamed']:.0f}{graph}")
+            log({"kind": "parts_calls", "C": C, "h": h, "w": w, "Q": Q, "N": n, **r})
         log({"kind": "parts", "C": C, "h": h, "w": w, "Q": Q, "N": n, "gemm_fps": n / t_gemm, "method_fps": n / t_all,
              "call_us": t_all * 1e6, "kernel_us": busy, "kernels": kernels[:8]})
         feats = None

@@ -2,8 +2,8 @@
 # The GPU checks of issue 7 in one go, for a lent GPU machine (device tool); results in $OUT:
 # one .txt per step and every measurement as a JSON line in results.jsonl (the device tool
 # returns at most 8 files).
-#   bash benchmarks/run_gpu.sh                    # 6.5 minutes on an H200 before the video step and
-#                                                 # the scan's second step size were added
+#   BUDGET=500 bash benchmarks/run_gpu.sh         # (6.5 minutes on an H200 before the video step,
+#                                                 # the scan's second step size and the streamed rows)
 #   STEPS="parts matcher" bash benchmarks/run_gpu.sh
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu}
@@ -24,21 +24,44 @@ if [ -d .whl ]; then
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$OUT/gpu.txt"
-# STEPS: which checks to run (all by default, in this order), so that a short lease can split them;
-# MATCHER_ARGS / PARTS_ARGS: more options for bench_matcher.py's table / --parts (e.g. --channels 256)
-STEPS=${STEPS:-"parts scan matcher extract index video"}
+# STEPS: which checks to run (all by default, in this order: the issue's targets first), so that a
+# short lease can split them; BUDGET: seconds for all of them (0: none), each step's timeout cut to
+# what is left and a step skipped with under 20 s; MATCHER_ARGS / PARTS_ARGS: more options for
+# bench_matcher.py's table / --parts (e.g. --channels 256)
+STEPS=${STEPS:-"matcher parts scan index video extract"}
+BUDGET=${BUDGET:-0}
 has() { case " $STEPS " in *" $1 "*) true ;; *) false ;; esac; }
-has parts && timeout 150 python3 benchmarks/bench_matcher.py --skip-cpu --parts ${PARTS_ARGS:-} --json "$OUT/results.jsonl" 2>&1 \
-  | grep -v "^USDT\|^ERROR:.*gpuGetDeviceCount" | tee "$OUT/parts.txt"
-has scan && DTM_PREFETCH_MB=4096 timeout 150 python3 benchmarks/bench_scan.py --frames 512 --per-shard 256 --channels 256 --grid 68 120 \
-  --cases 1x1 1x9 16x9 --batch-frames 64 0 --json "$OUT/results.jsonl" 2>&1 | tee "$OUT/scan.txt"
-has matcher && timeout 240 python3 benchmarks/bench_matcher.py --skip-cpu ${MATCHER_ARGS:-} --json "$OUT/results.jsonl" 2>&1 | tee "$OUT/matcher.txt"
-has extract && timeout 90 python3 benchmarks/bench_extract.py 2>&1 | tee "$OUT/extract.txt"
-# 1080p JPEGs made by the bench itself (the GPU image has no demo videos); 180 s, not the H200 run's 120:
-# the step has since gained two rows that decode in full (as before reduced decoding)
-has index && timeout 180 python3 benchmarks/bench_index.py --synthetic 1920 1080 --frames 256 \
-  2>&1 | tee "$OUT/index.txt"
+# within CAP NAME: the step's timeout, at most CAP seconds and what is left of BUDGET
+within() {
+  local t=$1
+  if [ "$BUDGET" -gt 0 ]; then
+    local left=$((BUDGET - SECONDS))
+    [ "$left" -lt "$t" ] && t=$left
+    if [ "$t" -lt 20 ]; then echo "step $2 skipped: ${left} s of BUDGET left" | tee -a "$OUT/gpu.txt" >&2; return 1; fi
+  fi
+  echo "$t"
+}
+if has matcher && t=$(within 200 matcher); then
+  timeout "$t" python3 benchmarks/bench_matcher.py --skip-cpu ${MATCHER_ARGS:-} --json "$OUT/results.jsonl" 2>&1 \
+    | tee "$OUT/matcher.txt"
+fi
+if has parts && t=$(within 150 parts); then
+  timeout "$t" python3 benchmarks/bench_matcher.py --skip-cpu --parts ${PARTS_ARGS:-} --json "$OUT/results.jsonl" 2>&1 \
+    | grep -v "^USDT\|^ERROR:.*gpuGetDeviceCount" | tee "$OUT/parts.txt"
+fi
+if has scan && t=$(within 120 scan); then
+  DTM_PREFETCH_MB=4096 timeout "$t" python3 benchmarks/bench_scan.py --frames 512 --per-shard 256 --channels 256 \
+    --grid 68 120 --cases 1x1 1x9 16x9 --batch-frames 64 0 --json "$OUT/results.jsonl" 2>&1 | tee "$OUT/scan.txt"
+fi
+# 1080p JPEGs made by the bench itself (the GPU image has no demo videos)
+if has index && t=$(within 120 index); then
+  timeout "$t" python3 benchmarks/bench_index.py --synthetic 1920 1080 --frames 128 2>&1 | tee "$OUT/index.txt"
+fi
 # a generated 1080p H.264 video, decoded on the reader thread and converted on the loader threads
 # (needs PyAV, from .whl; appended to index.txt: the device tool returns at most 8 files)
-has video && python3 -c "import av" 2>/dev/null && timeout 120 python3 benchmarks/bench_index.py \
-  --synthetic-video 1920 1080 --frames 128 2>&1 | tee -a "$OUT/index.txt"
+if has video && python3 -c "import av" 2>/dev/null && t=$(within 90 video); then
+  timeout "$t" python3 benchmarks/bench_index.py --synthetic-video 1920 1080 --frames 96 2>&1 | tee -a "$OUT/index.txt"
+fi
+if has extract && t=$(within 90 extract); then
+  timeout "$t" python3 benchmarks/bench_extract.py 2>&1 | tee "$OUT/extract.txt"
+fi
