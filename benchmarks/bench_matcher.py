@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from dtm_ops import matching
+from dtm_ops.cudagraphs import GraphCache
 from dtm_ops.matching import best_matches, position_mask
 from timing import best_of
 
@@ -174,10 +175,11 @@ def bench_gpu(repeat: int, log, channels=(128, 256, 1024)) -> None:
     hbm = hbm_read_gbps(dev)
     print(f"\n{torch.cuda.get_device_name()}, fp16, {GPU_GRID[0]}x{GPU_GRID[1]} grid; HBM read {hbm:.0f} GB/s (measured)")
     log({"kind": "env", "device": torch.cuda.get_device_name(), "torch": torch.__version__, "hbm_read_GBps": hbm})
-    print(f"one call timed alone, and (streamed) {STREAM} calls back to back before one sync")
+    print(f"one call timed alone; (streamed) {STREAM} calls back to back before one sync; (graphs) the same "
+          "through the scan's CUDA-graph cache (dtm_ops.cudagraphs)")
     print(f"{'C':>5} {'tmpl':>6} {'Q':>3} {'N':>4} {'engine f/s':>11} {'GB/s':>6} {'%HBM':>5} {'conv2d f/s':>11} "
           f"{'vs conv2d':>9} {'max err':>8} {'picked':>6} {'shift f/s':>10} {'streamed':>9} {'GB/s':>6} {'%HBM':>5} "
-          f"{'conv2d':>9} {'vs conv2d':>9}")
+          f"{'conv2d':>9} {'vs conv2d':>9} {'graphs':>9} {'%HBM':>5} {'vs conv2d':>9}")
     g = torch.Generator().manual_seed(0)
     for C in channels:
         frames = max(32, min(512, int(1e9 / (C * GPU_GRID[0] * GPU_GRID[1] * 2))))
@@ -191,16 +193,26 @@ def bench_gpu(repeat: int, log, channels=(128, 256, 1024)) -> None:
                 t_s = timeit(lambda: engine(feats, temps, "shift"), repeat, sync)
                 t_es = timeit(streamed(lambda: engine(feats, temps)), repeat, sync) / STREAM
                 t_cs = timeit(streamed(lambda: batched_conv(feats, temps)), repeat, sync) / STREAM
+                cached = GraphCache(lambda f: best_matches(f, temps))
+                cached(feats), cached(feats)  # seen once, then captured
+                t_gs = timeit(streamed(lambda: cached(feats)), repeat, sync) / STREAM
+                graph_same = bool(torch.equal(cached(feats)[0], engine(feats, temps)))
+                graph_failed, cached = cached.failed, None  # the graph's memory back
                 err = max(check(feats[:2], temps, 2e-2), check(feats[:2], temps, 2e-2, "shift"))
-                fe, fc, fs, fes, fcs = (frames / t for t in (t_e, t_c, t_s, t_es, t_cs))
-                gbps, gbps_s = fe * per_frame / 1e9, fes * per_frame / 1e9
+                fe, fc, fs, fes, fcs, fgs = (frames / t for t in (t_e, t_c, t_s, t_es, t_cs, t_gs))
+                gbps, gbps_s, gbps_g = (f * per_frame / 1e9 for f in (fe, fes, fgs))
                 pick = [v for k, v in matching._picked.items() if k[0] == "best" and k[4] == (Q, C, h, w) and k[5] == len(feats).bit_length()][0]
                 print(f"{C:>5} {h:>2}x{w:<3} {Q:>3} {frames:>4} {fe:>11.0f} {gbps:>6.0f} {100 * gbps / hbm:>4.0f}% "
                       f"{fc:>11.0f} {fe / fc:>8.2f}x {err:>8.1e} {pick:>6} {fs:>10.0f} {fes:>9.0f} {gbps_s:>6.0f} "
-                      f"{100 * gbps_s / hbm:>4.0f}% {fcs:>9.0f} {fes / fcs:>8.2f}x", flush=True)
+                      f"{100 * gbps_s / hbm:>4.0f}% {fcs:>9.0f} {fes / fcs:>8.2f}x {fgs:>9.0f} "
+                      f"{100 * gbps_g / hbm:>4.0f}% {fgs / fcs:>8.2f}x"
+                      + ("" if graph_same else "  GRAPH RESULT DIFFERS")
+                      + (f"  NO GRAPH: {graph_failed}" if graph_failed else ""), flush=True)
                 log({"kind": "gpu", "C": C, "h": h, "w": w, "Q": Q, "N": frames, "engine_fps": fe, "conv_fps": fc,
                      "shift_fps": fs, "picked": pick, "feat_GBps": gbps, "hbm_share": gbps / hbm, "max_err": err,
-                     "engine_streamed_fps": fes, "conv_streamed_fps": fcs, "streamed_hbm_share": gbps_s / hbm})
+                     "engine_streamed_fps": fes, "conv_streamed_fps": fcs, "streamed_hbm_share": gbps_s / hbm,
+                     "graphs_streamed_fps": fgs, "graphs_hbm_share": gbps_g / hbm, "graph_same": graph_same,
+                     "graph_failed": graph_failed})
         del feats
         torch.cuda.empty_cache()
     C, (h, w) = 256, (7, 12)

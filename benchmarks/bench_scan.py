@@ -73,19 +73,18 @@ def queries(n: int, scales: int, channels: int, centred: bool = False) -> list[P
     return out
 
 
-def matcher_alone(store: FeatureStore, shards, prepared: list[PreparedQuery], device: torch.device,
+def matcher_alone(store: FeatureStore, shards, prepared: list[PreparedQuery], searcher: Searcher,
                   batch_frames: int) -> float:
     """Seconds for the scan's per-batch work over all frames, the features already in memory:
-    the dtype change as the scan makes it (:func:`dtm_ops.transfer.feed`), matching, best
-    positions."""
-    from dtm_ops.centering import center
-    from dtm_ops.matching import best_matches
+    the dtype change as the scan makes it (:func:`dtm_ops.transfer.feed`), then the scan's
+    own per-batch matcher (:meth:`dtm_ops.search.Searcher.batch_matcher`)."""
     from dtm_ops.transfer import feed
 
+    device = searcher.device
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     feats = [(f.to(device), v.to(device)) for _, f, v in store.iter_shards(shards)]
     templates = [t.features.to(device, dtype) for p in prepared for t in p.templates]
-    mu = prepared[0].lake_mean
+    match = searcher.batch_matcher(templates, prepared[0].lake_mean)
 
     def batches():
         for f, v in feats:
@@ -94,11 +93,11 @@ def matcher_alone(store: FeatureStore, shards, prepared: list[PreparedQuery], de
 
     def run() -> None:
         for _, f, v in feed(batches(), device, dtype):
-            best_matches(center(f, mu, dim=1), templates, v)
+            match(f, v)
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    run()  # the method pick
+    run()  # the method pick (and on CUDA the graphs' captures)
     return best_of(run, 2)
 
 
@@ -143,6 +142,7 @@ def main() -> None:
                     help="frames matched per step; several: each side by side; 0: the Searcher's default for the "
                          "device (default)")
     ap.add_argument("--center", action="store_true", help="mean-centred matching (Searcher(center=True))")
+    ap.add_argument("--cuda-graphs", action="store_true", help="Searcher(cuda_graphs=True): CUDA graphs per step")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--json", help="also write one JSON line per measurement here")
     a = ap.parse_args()
@@ -188,15 +188,15 @@ def main() -> None:
               f"{a.frames / t_reader:9.0f} frames/s")
         log = open(a.json, "a") if a.json else None
         # Searcher.scan needs only the extractor's device and stride: the templates are made here.
-        searchers = {bf: Searcher(SimpleNamespace(device=device, stride=16), top_k=20, batch_frames=bf or None)
-                     for bf in a.batch_frames}
+        searchers = {bf: Searcher(SimpleNamespace(device=device, stride=16), top_k=20, batch_frames=bf or None,
+                                  cuda_graphs=a.cuda_graphs) for bf in a.batch_frames}
         sample = next(store.iter_shards(shards[:1]))[1]
         for case, (bf, searcher) in ((c, s) for c in a.cases for s in searchers.items()):
             nq, ns = map(int, case.split("x"))
             prepared = queries(nq, ns, a.channels, a.center)
             searcher.scan(store, prepared, shards[:1])  # warm-up: the matcher's method pick
             t_scan = best_of(lambda: searcher.scan(store, prepared, shards), a.repeat)
-            t_match = matcher_alone(store, shards, prepared, device, searcher.frames_per_step(sample))
+            t_match = matcher_alone(store, shards, prepared, searcher, searcher.frames_per_step(sample))
             label = f"{nq} quer{'y' if nq == 1 else 'ies'} x {ns} scale{'s' if ns > 1 else ''}"
             if len(searchers) > 1:
                 label += f", {searcher.frames_per_step(sample)}{'' if bf else ' (default)'} a step"

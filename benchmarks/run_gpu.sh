@@ -2,8 +2,8 @@
 # The GPU checks of issue 7 in one go, for a lent GPU machine (device tool); results in $OUT:
 # one .txt per step and every measurement as a JSON line in results.jsonl (the device tool
 # returns at most 8 files).
-#   BUDGET=500 bash benchmarks/run_gpu.sh         # (6.5 minutes on an H200 before the video step,
-#                                                 # the scan's second step size and the streamed rows)
+#   BUDGET=520 bash benchmarks/run_gpu.sh         # all steps: 6 minutes on an H200 (358 s at 54a26d1,
+#                                                 # before the tests step and the graph column)
 #   STEPS="parts matcher" bash benchmarks/run_gpu.sh
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu}
@@ -28,7 +28,7 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", tr
 # short lease can split them; BUDGET: seconds for all of them (0: none), each step's timeout cut to
 # what is left and a step skipped with under 20 s; MATCHER_ARGS / PARTS_ARGS: more options for
 # bench_matcher.py's table / --parts (e.g. --channels 256)
-STEPS=${STEPS:-"matcher parts scan index video extract"}
+STEPS=${STEPS:-"tests matcher parts scan index video extract"}
 BUDGET=${BUDGET:-0}
 has() { case " $STEPS " in *" $1 "*) true ;; *) false ;; esac; }
 # within CAP NAME: the step's timeout, at most CAP seconds and what is left of BUDGET
@@ -41,6 +41,10 @@ within() {
   fi
   echo "$t"
 }
+# the tests that need CUDA (skipped on machines without it, CI included); appended to gpu.txt
+if has tests && t=$(within 100 tests); then
+  timeout "$t" python3 -m pytest -q -p no:cacheprovider -rs tests/test_cudagraphs.py 2>&1 | tee -a "$OUT/gpu.txt"
+fi
 if has matcher && t=$(within 200 matcher); then
   timeout "$t" python3 benchmarks/bench_matcher.py --skip-cpu ${MATCHER_ARGS:-} --json "$OUT/results.jsonl" 2>&1 \
     | tee "$OUT/matcher.txt"

@@ -337,14 +337,23 @@ def best_matches(
     return score, rows, cols
 
 
+_ROW_INDEX: dict[tuple, torch.Tensor] = {}
+
+
 def _rows(idx: list[int], device: torch.device) -> slice | torch.Tensor:
     """Index of a size group's rows in the results: a slice where ``idx`` is evenly spaced
-    (one template; or one scale of queries that each have the same scales), which needs
-    no index tensor copied from the host (a copy that waits for the GPU's queued work)."""
+    (one template; or one scale of queries that each have the same scales), else an index
+    tensor made once per device. A copy from the host on every call would wait for the GPU's
+    queued work, and cannot be part of a CUDA graph (:mod:`dtm_ops.cudagraphs`)."""
     step = idx[1] - idx[0] if len(idx) > 1 else 1
     if step > 0 and all(b - a == step for a, b in zip(idx, idx[1:])):
         return slice(idx[0], idx[-1] + 1, step)
-    return torch.tensor(idx, device=device)
+    key = (tuple(idx), device)
+    if key not in _ROW_INDEX:
+        if len(_ROW_INDEX) >= 1024:
+            _ROW_INDEX.clear()
+        _ROW_INDEX[key] = torch.tensor(idx, device=device)
+    return _ROW_INDEX[key]
 
 
 def best_positions(smap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

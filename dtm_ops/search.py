@@ -9,7 +9,7 @@ per-ROI scores).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -18,6 +18,7 @@ import torch
 from dtm_ops.boxes import Box, validate_box
 from dtm_ops.calibration import calibrate
 from dtm_ops.centering import center, mean_cell
+from dtm_ops.cudagraphs import GraphCache
 from dtm_ops.errors import InputError
 from dtm_ops.features import FeatureExtractor
 from dtm_ops.matching import best_matches, patchwise_cosine
@@ -183,6 +184,10 @@ class Searcher:
             retrieval evaluation (README "Retrieval quality").
         batch_frames: frames matched per step (bounds memory); default
             :data:`CPU_BATCH_FRAMES` on the CPU, :data:`GPU_BATCH_BYTES` of features on CUDA.
+        cuda_graphs: on CUDA, replay each step's matching from CUDA graphs
+            (:meth:`batch_matcher`). Off by default: a scan from storage waits on its reads,
+            not on the matcher, and the captures cost more than they saved in the scans
+            measured (README "Matcher speed").
     """
 
     def __init__(
@@ -197,6 +202,7 @@ class Searcher:
         center: bool = False,
         max_upsample: float = MAX_UPSAMPLE,
         batch_frames: int | None = None,
+        cuda_graphs: bool = False,
         progress: bool = False,
     ) -> None:
         self.extractor = extractor
@@ -208,6 +214,7 @@ class Searcher:
         self.center = center
         self.max_upsample = max_upsample
         self.batch_frames = batch_frames
+        self.cuda_graphs = cuda_graphs
         self.progress = progress
         self.device = extractor.device
 
@@ -317,14 +324,29 @@ class Searcher:
                     sl = slice(start, start + step)
                     yield (entry, sl), feats[sl], valid[sl]
 
+        match = self.batch_matcher(tfeats, lake_mean)
         for (entry, sl), f, v in feed(batches(), self.device, self._dtype()):
-            score, rows, cols = best_matches(center(f, lake_mean, dim=1), tfeats, v)  # each [T, n]
+            score, rows, cols = match(f, v)  # each [T, n]
             cos, rows, cols = score.double().cpu(), rows.cpu(), cols.cpu()
             z = (cos - mu[:, None]) / sigma[:, None]
             self._collect(prepared, entry.frames[sl], z, cos, rows, cols, heaps)
             bar.update(f.shape[0])
         bar.close()
         return heaps
+
+    def batch_matcher(
+        self, templates: Sequence[torch.Tensor], lake_mean: torch.Tensor | None
+    ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The scan's work per batch: ``(features Tensor[n, C, H, W], valid Tensor[n, 2])`` ->
+        ``(score, row, col)``, each ``Tensor[T, n]``, of :func:`dtm_ops.matching.best_matches`
+        on the centred features. With ``cuda_graphs`` on CUDA, replayed from CUDA graphs for
+        batch buffers that come back (:class:`dtm_ops.cudagraphs.GraphCache`; ``valid`` is
+        copied in, being made per batch): for small templates the host's work per batch
+        takes longer than the GPU's."""
+        def match(features: torch.Tensor, valid: torch.Tensor):
+            return best_matches(center(features, lake_mean, dim=1), templates, valid)
+
+        return GraphCache(match, copied=(1,)) if self.cuda_graphs and self.device.type == "cuda" else match
 
     def _dtype(self) -> torch.dtype:
         return torch.float16 if self.device.type == "cuda" else torch.float32
