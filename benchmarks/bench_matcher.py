@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from dtm_ops import matching
-from dtm_ops.cudagraphs import GraphCache
+from dtm_ops.cudagraphs import GraphCache, capture
 from dtm_ops.matching import best_matches, position_mask
 from timing import best_of
 
@@ -116,21 +116,6 @@ STREAM = 4
 def streamed(fn, calls: int = STREAM):
     """``fn`` called ``calls`` times with no sync between (time it, divide by ``calls``)."""
     return lambda: [fn() for _ in range(calls)]
-
-
-def graphed(fn):
-    """``fn`` captured as a CUDA graph, after a warm-up on a side stream as
-    ``torch.cuda.graph`` asks: ``(graph, outputs of the captured call)``. Replays rerun the
-    same kernels on the same memory, with none of the call's Python or launch work."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
 
 
 def unit(shape, g, device, dtype) -> torch.Tensor:
@@ -282,7 +267,7 @@ def call_costs(feats: torch.Tensor, group: torch.Tensor, repeat: int, sync, call
         if feats.is_cuda:
             try:  # reported, not fatal: the rest of the one GPU run still counts
                 want = call()
-                graph, got = graphed(call)
+                graph, got = capture(call)
                 graph.replay()
                 sync()
                 row["graph_same"] = all(torch.equal(a, b) for a, b in zip(got, want))

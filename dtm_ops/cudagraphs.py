@@ -110,23 +110,29 @@ class GraphCache:
     def _capture(
         self, inputs: tuple[torch.Tensor, ...]
     ) -> tuple[Callable[[], None], dict[int, torch.Tensor], tuple[torch.Tensor, ...]]:
-        """Record ``fn(*inputs)``: ``(replay, buffers, outputs)``: the graph's copies of the
-        ``copied`` inputs, which the caller fills before each replay, and the outputs that
-        each replay writes.
-
-        A run on a side stream first, as :func:`torch.cuda.graph` asks (lazy set-up such as
-        cuBLAS workspaces stays out of the graph). Other threads may keep using CUDA during
-        the capture (the store's reader threads pin memory): ``thread_local`` mode."""
+        """Record ``fn(*inputs)`` (:func:`capture`): ``(replay, buffers, outputs)``: the
+        graph's copies of the ``copied`` inputs, which the caller fills before each replay,
+        and the outputs that each replay writes."""
         buffers = {i: inputs[i].clone(memory_format=torch.contiguous_format) for i in self.copied}
-        inputs = tuple(buffers.get(i, t) for i, t in enumerate(inputs))
-        device = inputs[0].device
-        main = torch.cuda.current_stream(device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            self.fn(*inputs)
-        main.wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            outputs = tuple(self.fn(*inputs))
-        return graph.replay, buffers, outputs
+        graph, outputs = capture(self.fn, *(buffers.get(i, t) for i, t in enumerate(inputs)))
+        return graph.replay, buffers, tuple(outputs)
+
+
+def capture(fn: Callable, *inputs: torch.Tensor):
+    """``fn(*inputs)`` recorded as a CUDA graph: ``(graph, what the recorded call returned)``;
+    each ``graph.replay()`` reruns its kernels on the same memory, outputs included.
+
+    A run on a side stream first, as :func:`torch.cuda.graph` asks (lazy set-up such as
+    cuBLAS workspaces stays out of the graph). Other threads may keep using CUDA during the
+    capture (the store's reader threads pin memory): ``thread_local`` mode."""
+    device = inputs[0].device if inputs else torch.device("cuda", torch.cuda.current_device())
+    main = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        fn(*inputs)
+    main.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        outputs = fn(*inputs)
+    return graph, outputs
