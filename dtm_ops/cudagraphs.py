@@ -26,23 +26,11 @@ on, scans of four steps ran slower (README "Matcher speed").
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 
 import torch
 
 log = logging.getLogger(__name__)
-
-#: Set to ``0`` to run every call as it is (no graphs), e.g. to compare or to debug.
-ENV = "DTM_CUDA_GRAPHS"
-
-Key = tuple
-
-
-def enabled() -> bool:
-    """Whether graphs are on (the default; ``DTM_CUDA_GRAPHS=0`` turns them off)."""
-    return os.environ.get(ENV, "1") != "0"
-
 
 class GraphCache:
     """``fn(*inputs)`` replayed from CUDA graphs for inputs seen before.
@@ -53,26 +41,23 @@ class GraphCache:
             once for that shape (what it decides on first use, such as
             :func:`dtm_ops.matching.best_matches`' method pick, it must remember).
         max_graphs: graphs kept; calls with other inputs run ``fn`` directly.
-        after: calls that see a key before it is captured (1: captured on the second).
         copied: positions of small inputs copied into the graph's own buffers on each call
             (keyed on shape and dtype, not address), for inputs made afresh for every call.
 
-    Calls with any input off CUDA, or with graphs turned off (:func:`enabled`), run ``fn``
-    directly; so do all calls after a capture fails (logged once, the reason kept in
-    ``failed``). Outputs are copies: they stay valid across later calls.
+    Calls with any input off CUDA run ``fn`` directly; so do all calls after a capture
+    fails (logged once, the reason kept in ``failed``). Outputs are copies: they stay valid
+    across later calls.
     """
 
     def __init__(
-        self, fn: Callable[..., tuple[torch.Tensor, ...]], *, max_graphs: int = 4, after: int = 1,
-        copied: Sequence[int] = (),
+        self, fn: Callable[..., tuple[torch.Tensor, ...]], *, max_graphs: int = 4, copied: Sequence[int] = ()
     ) -> None:
         self.fn = fn
         self.max_graphs = max_graphs
-        self.after = after
         self.copied = frozenset(copied)
         # key -> (replay, the graph's copies of the `copied` inputs by position, outputs)
-        self.graphs: dict[Key, tuple[Callable[[], None], dict[int, torch.Tensor], tuple[torch.Tensor, ...]]] = {}
-        self.seen: dict[Key, int] = {}
+        self.graphs: dict[tuple, tuple[Callable[[], None], dict[int, torch.Tensor], tuple[torch.Tensor, ...]]] = {}
+        self.seen: set[tuple] = set()  # keys met once, not captured
         self.replays = 0
         self.failed = ""  # why a capture failed: no more are tried
 
@@ -83,13 +68,12 @@ class GraphCache:
                     for i, t in enumerate(inputs))
         entry = self.graphs.get(key)
         if entry is None:
-            count = self.seen.get(key, 0)
-            if count < self.after or len(self.graphs) >= self.max_graphs or self.failed:
+            if key not in self.seen or len(self.graphs) >= self.max_graphs or self.failed:
                 if len(self.seen) >= 64 * self.max_graphs:  # addresses that never come back
                     self.seen.clear()
-                self.seen[key] = count + 1
+                self.seen.add(key)
                 return self.fn(*inputs)
-            self.seen.pop(key, None)
+            self.seen.discard(key)
             try:
                 entry = self._capture(inputs)
             except Exception as e:  # noqa: BLE001 - the calls stay correct without graphs
@@ -105,7 +89,7 @@ class GraphCache:
         return tuple(o.clone() for o in outputs)
 
     def _usable(self, inputs: tuple[torch.Tensor, ...]) -> bool:
-        return enabled() and all(t.is_cuda for t in inputs)
+        return all(t.is_cuda for t in inputs)
 
     def _capture(
         self, inputs: tuple[torch.Tensor, ...]
