@@ -25,7 +25,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from dtm_ops import matching
+from dtm_ops import matching, spectral
 from dtm_ops.cudagraphs import GraphCache, capture
 from dtm_ops.matching import best_matches, position_mask
 from timing import best_of
@@ -43,7 +43,7 @@ CPU_CASES = [
     ("Q=1 x 9 scales (2x1..16x12)", [(2, 1), (3, 2), (4, 3), (6, 4), (8, 6), (11, 8), (12, 9), (14, 10), (16, 12)]),
     ("Q=16 x 9 scales", [(2, 1), (3, 2), (4, 3), (6, 4), (8, 6), (11, 8), (12, 9), (14, 10), (16, 12)] * 16),
 ]
-CPU_METHODS = ("fold", "slices", "conv")
+CPU_METHODS = ("fold", "slices", "conv", "fft")
 GPU_GRID = (68, 120)
 
 
@@ -147,6 +147,17 @@ def bench_cpu(frames: int, repeat: int, log) -> None:
         log({"kind": "cpu_methods", "case": label, **{f"{m}_fps": v for m, v in fps.items()}})
 
 
+def picked(Q: int, C: int, h: int, w: int, n: int) -> str:
+    """The engine's pick for ``Q`` templates of ``h x w`` over ``n`` frames: the spectral
+    method where it was weighed for the whole set and won, else the size group's method."""
+    bits = n.bit_length()
+    for k, v in matching._picked.items():
+        if k[0] == "best-set" and k[4] == ((h, w),) and k[5] == Q and k[1:4] == ("cuda", torch.float16, (C, *GPU_GRID)) \
+                and k[6] == bits and v == "fft":
+            return v
+    return [v for k, v in matching._picked.items() if k[0] == "best" and k[4] == (Q, C, h, w) and k[5] == bits][0]
+
+
 def hbm_read_gbps(device) -> float:
     x = torch.empty(4 << 30, dtype=torch.uint8, device=device).view(torch.float16)
     x.fill_(1)
@@ -164,7 +175,7 @@ def bench_gpu(repeat: int, log, channels=(128, 256, 1024)) -> None:
           "through the scan's CUDA-graph cache (dtm_ops.cudagraphs)")
     print(f"{'C':>5} {'tmpl':>6} {'Q':>3} {'N':>4} {'engine f/s':>11} {'GB/s':>6} {'%HBM':>5} {'conv2d f/s':>11} "
           f"{'vs conv2d':>9} {'max err':>8} {'picked':>6} {'shift f/s':>10} {'streamed':>9} {'GB/s':>6} {'%HBM':>5} "
-          f"{'conv2d':>9} {'vs conv2d':>9} {'graphs':>9} {'%HBM':>5} {'vs conv2d':>9}")
+          f"{'conv2d':>9} {'vs conv2d':>9} {'graphs':>9} {'%HBM':>5} {'vs conv2d':>9} {'fft f/s':>9}")
     g = torch.Generator().manual_seed(0)
     for C in channels:
         frames = max(32, min(512, int(1e9 / (C * GPU_GRID[0] * GPU_GRID[1] * 2))))
@@ -176,6 +187,9 @@ def bench_gpu(repeat: int, log, channels=(128, 256, 1024)) -> None:
                 t_e = timeit(lambda: engine(feats, temps), repeat, sync)
                 t_c = timeit(lambda: batched_conv(feats, temps), repeat, sync)
                 t_s = timeit(lambda: engine(feats, temps, "shift"), repeat, sync)
+                sizes = [(h, w)] * Q  # the spectral method, timed where its arithmetic is the smaller
+                spectral_tried = spectral.estimated_macs(GPU_GRID, C, sizes) < spectral.direct_macs(GPU_GRID, C, sizes)
+                t_f = timeit(lambda: engine(feats, temps, "fft"), repeat, sync) if spectral_tried else None
                 t_es = timeit(streamed(lambda: engine(feats, temps)), repeat, sync) / STREAM
                 t_cs = timeit(streamed(lambda: batched_conv(feats, temps)), repeat, sync) / STREAM
                 cached = GraphCache(lambda f: best_matches(f, temps))
@@ -183,21 +197,23 @@ def bench_gpu(repeat: int, log, channels=(128, 256, 1024)) -> None:
                 t_gs = timeit(streamed(lambda: cached(feats)), repeat, sync) / STREAM
                 graph_same = bool(torch.equal(cached(feats)[0], engine(feats, temps)))
                 graph_failed, cached = cached.failed, None  # the graph's memory back
-                err = max(check(feats[:2], temps, 2e-2), check(feats[:2], temps, 2e-2, "shift"))
+                err = max(check(feats[:2], temps, 2e-2), check(feats[:2], temps, 2e-2, "shift"),
+                          check(feats[:2], temps, 2e-2, "fft") if spectral_tried else 0.0)
                 fe, fc, fs, fes, fcs, fgs = (frames / t for t in (t_e, t_c, t_s, t_es, t_cs, t_gs))
                 gbps, gbps_s, gbps_g = (f * per_frame / 1e9 for f in (fe, fes, fgs))
-                pick = [v for k, v in matching._picked.items() if k[0] == "best" and k[4] == (Q, C, h, w) and k[5] == len(feats).bit_length()][0]
+                pick = picked(Q, C, h, w, len(feats))
+                ff = frames / t_f if t_f else None
                 print(f"{C:>5} {h:>2}x{w:<3} {Q:>3} {frames:>4} {fe:>11.0f} {gbps:>6.0f} {100 * gbps / hbm:>4.0f}% "
                       f"{fc:>11.0f} {fe / fc:>8.2f}x {err:>8.1e} {pick:>6} {fs:>10.0f} {fes:>9.0f} {gbps_s:>6.0f} "
                       f"{100 * gbps_s / hbm:>4.0f}% {fcs:>9.0f} {fes / fcs:>8.2f}x {fgs:>9.0f} "
-                      f"{100 * gbps_g / hbm:>4.0f}% {fgs / fcs:>8.2f}x"
+                      f"{100 * gbps_g / hbm:>4.0f}% {fgs / fcs:>8.2f}x {ff or float('nan'):>9.0f}"
                       + ("" if graph_same else "  GRAPH RESULT DIFFERS")
                       + (f"  NO GRAPH: {graph_failed}" if graph_failed else ""), flush=True)
                 log({"kind": "gpu", "C": C, "h": h, "w": w, "Q": Q, "N": frames, "engine_fps": fe, "conv_fps": fc,
                      "shift_fps": fs, "picked": pick, "feat_GBps": gbps, "hbm_share": gbps / hbm, "max_err": err,
                      "engine_streamed_fps": fes, "conv_streamed_fps": fcs, "streamed_hbm_share": gbps_s / hbm,
                      "graphs_streamed_fps": fgs, "graphs_hbm_share": gbps_g / hbm, "graph_same": graph_same,
-                     "graph_failed": graph_failed})
+                     "graph_failed": graph_failed, "fft_fps": ff})
         del feats
         torch.cuda.empty_cache()
     C, (h, w) = 256, (7, 12)

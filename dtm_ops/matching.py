@@ -295,15 +295,44 @@ def best_matches(
 
     Args: as :func:`patchwise_cosine`; ``method`` may also be ``"shift"`` (CUDA with
         Triton: :mod:`dtm_ops.shiftmax`, products summed and reduced in one kernel, no map
-        in GPU memory). ``"auto"`` times the methods this device has per size group.
+        in GPU memory) or ``"fft"`` (:mod:`dtm_ops.spectral`: all templates at once through
+        the frames' spectra, whose cost grows with the number of templates but not their
+        size). ``"auto"`` times the methods this device has per size group, and where the
+        spectral method's arithmetic is the smaller (:func:`dtm_ops.spectral.estimated_macs`:
+        many templates, large ones), times that against the best per group for the whole
+        set of templates, once per set of template sizes.
 
     Returns:
         ``(score, row, col)``, each ``Tensor[T, N]``: as :func:`best_positions` of each
         template's map (``-inf`` where no position obeys the border rule).
     """
-    from dtm_ops import shiftmax
+    from dtm_ops import spectral
 
     _check(features, templates, valid)
+    n, c, H, W = features.shape
+    if not templates or method not in ("auto", "fft"):
+        return _best_by_groups(features, templates, valid, max_bytes, method)
+    valid = _size_groups(features, [], valid)[0]
+    sizes = spectral.sizes_of(templates)
+    if method == "fft":
+        return spectral.best_matches(features, templates, valid, max_bytes)
+    if spectral.estimated_macs((H, W), c, sizes) >= spectral.direct_macs((H, W), c, sizes):
+        return _best_by_groups(features, templates, valid, max_bytes, method)
+    candidates = {
+        "groups": lambda f, v: _best_by_groups(f, templates, v, max_bytes, "auto"),
+        "fft": lambda f, v: spectral.best_matches(f, templates, v, max_bytes),
+    }
+    key = ("best-set", features.device.type, features.dtype, (c, H, W), tuple(sorted(set(sizes))), len(sizes),
+           n.bit_length())
+    return _fastest(key, candidates, (features, valid), (features[:1], valid[:1]))
+
+
+def _best_by_groups(
+    features: torch.Tensor, templates: Sequence[torch.Tensor], valid: torch.Tensor | None, max_bytes: int, method: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`best_matches` one size group at a time (every method but ``"fft"``)."""
+    from dtm_ops import shiftmax
+
     n, _, H, W = features.shape
     valid, groups = _size_groups(features, templates, valid)
 
@@ -320,7 +349,7 @@ def best_matches(
         candidates["shift"] = shiftmax.group_best
     if method not in ("auto", *candidates):
         need = " (it needs CUDA and Triton)" if method == "shift" else ""
-        raise ValueError(f"method must be one of {('auto', *candidates)} here, got {method!r}{need}")
+        raise ValueError(f"method must be one of {('auto', *candidates, 'fft')} here, got {method!r}{need}")
     score = features.new_empty(len(templates), n, dtype=torch.float32)
     rows = features.new_empty(len(templates), n, dtype=torch.long)
     cols = torch.empty_like(rows)

@@ -162,7 +162,7 @@ def _check_best(method: str, max_bytes: int | None) -> None:
         assert (row.numpy()[fin] == at[..., 0][fin]).all() and (col.numpy()[fin] == at[..., 1][fin]).all()
 
 
-@pytest.mark.parametrize("method", ["fold", "slices", "conv", "auto"])
+@pytest.mark.parametrize("method", ["fold", "slices", "conv", "fft", "auto"])
 @pytest.mark.parametrize("max_bytes", [None, 1], ids=["one-pass", "chunked"])
 def test_best_matches_equal_the_reference_loop(method, max_bytes):
     _check_best(method, max_bytes)

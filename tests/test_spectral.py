@@ -1,0 +1,138 @@
+"""The spectral method (dtm_ops.spectral) against torch.fft and the explicit-loop reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dtm_ops import matching, spectral
+from dtm_ops.matching import best_matches, map_shape
+from tests.reference import patchwise_cosine_loop, unit_cells
+
+
+def _frames(rng, n, C, H, W, valid):
+    x = np.stack([unit_cells(rng, (C, H, W)) for _ in range(n)])
+    for k, (r, c) in enumerate(valid):
+        x[k, :, r:] = 0
+        x[k, :, :, c:] = 0
+    return x
+
+
+def test_fft_length_is_the_smallest_5_smooth_length_at_least_n():
+    def smooth(m):
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        return m == 1
+
+    for n in range(1, 400):
+        got = spectral.fft_length(n)
+        assert got >= n and smooth(got) and not any(smooth(m) for m in range(n, got))
+    assert [spectral.fft_length(n) for n in (7, 11, 13, 17, 31, 46)] == [8, 12, 15, 18, 32, 48]
+
+
+@pytest.mark.parametrize("grid,sizes", [((9, 11), [(2, 3), (5, 4)]), ((6, 5), [(1, 1)]), ((4, 4), [(7, 3)])])
+def test_transforms_equal_torch_fft(grid, sizes):
+    """The GEMM transforms against torch.fft: forward is rfft2 of the zero-padded frame; the
+    inverse is irfft2, cropped to the maps' rows and columns."""
+    torch.manual_seed(0)
+    H, W = grid
+    p = spectral.plan(grid, tuple(sizes), torch.device("cpu"))
+    x = torch.randn(3, 5, H, W)
+    want = torch.fft.rfft2(x, s=(p.P, p.Q))  # [n, C, P, Qh]
+    got = spectral.frame_spectra(x, p)  # [n, 2, K, C]
+    got = torch.complex(got[:, 0], got[:, 1]).view(3, p.P, p.qh, 5).permute(0, 3, 1, 2)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+    y = torch.randn(p.P, p.qh, 3, 2, 4)  # [K, n, (re, im), T] of real signals' spectra
+    spec = torch.fft.rfft2(torch.randn(3, 4, p.P, p.Q)).permute(2, 3, 0, 1)  # Hermitian where it must be
+    y[:, :, :, 0], y[:, :, :, 1] = spec.real, spec.imag
+    want = torch.fft.irfft2(torch.complex(y[:, :, :, 0], y[:, :, :, 1]).permute(2, 3, 0, 1), s=(p.P, p.Q))
+    got = spectral.inverse(y.view(p.frequencies, 3, 2, 4), p)  # [hout, n, T, wout]
+    torch.testing.assert_close(got.permute(1, 2, 0, 3), want[:, :, : p.hout, : p.wout], atol=1e-4, rtol=1e-5)
+
+
+def test_sums_are_the_maps_of_the_reference_loop_times_cells():
+    """Every position of every map, not only the best: the sums over cells (before the
+    border rule) divided by ``h*w`` are the loop's scores wherever the rule allows one."""
+    rng = np.random.default_rng(7)
+    C, H, W = 6, 7, 9
+    valid = [(7, 9), (4, 5)]
+    x = _frames(rng, 2, C, H, W, valid)
+    sizes = [(3, 3), (2, 5), (7, 9), (1, 1), (4, 2)]
+    temps = [unit_cells(rng, (C, h, w)) for h, w in sizes]
+    s = spectral.sums(torch.from_numpy(x).float(), [torch.from_numpy(t).float() for t in temps])
+    for k, (h, w) in enumerate(sizes):
+        oh, ow = map_shape((H, W), (h, w))
+        for n, v in enumerate(valid):
+            want = patchwise_cosine_loop(x[n], temps[k], v)
+            got = s[:oh, n, k, :ow].double().numpy() / (h * w)
+            fin = np.isfinite(want)
+            np.testing.assert_allclose(got[fin], want[fin], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
+def test_best_matches_by_fft_equal_the_direct_methods(dtype, tol):
+    """Many templates of several sizes (the method's case) on frames with padding; the same
+    best positions as the direct method, scores within the dtype's tolerance."""
+    torch.manual_seed(3)
+    H, W = 12, 16
+    valid = torch.tensor([[12, 16], [8, 11], [12, 5], [2, 16]])
+    x = torch.from_numpy(_frames(np.random.default_rng(3), 4, 24, H, W, valid.tolist())).float()
+    sizes = [(2, 1), (3, 2), (4, 3), (6, 4), (8, 6)] * 5
+    temps = [torch.nn.functional.normalize(torch.randn(24, h, w), dim=0) for h, w in sizes]
+    want = best_matches(x.double(), [t.double() for t in temps], valid, method="slices")
+    got = best_matches(x.to(dtype), [t.to(dtype) for t in temps], valid, method="fft")
+    torch.testing.assert_close(got[0].double(), want[0].double(), atol=tol, rtol=0)
+    if dtype == torch.float32:
+        assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+
+
+def test_auto_times_the_spectral_method_for_many_templates_only(monkeypatch):
+    """``auto`` weighs the spectral method for a set of templates where its arithmetic is
+    the smaller, once per set of sizes, and keeps the faster of it and the per-group picks;
+    for one small template it does not try it."""
+    monkeypatch.setattr(matching, "_picked", {})
+    calls = []
+    real = spectral.best_matches
+    monkeypatch.setattr(spectral, "best_matches", lambda *a: calls.append(len(a[0])) or real(*a))
+    torch.manual_seed(1)
+    x = torch.nn.functional.normalize(torch.randn(8, 32, 10, 14), dim=1)
+    few = [torch.nn.functional.normalize(torch.randn(32, 2, 2), dim=0)]
+    many = [torch.nn.functional.normalize(torch.randn(32, h, w), dim=0) for h, w in [(6, 8), (9, 12)] * 8]
+    sizes = spectral.sizes_of(many)
+    assert spectral.estimated_macs((10, 14), 32, sizes) < spectral.direct_macs((10, 14), 32, sizes)
+    assert spectral.estimated_macs((10, 14), 32, [(2, 2)]) > spectral.direct_macs((10, 14), 32, [(2, 2)])
+
+    best_matches(x, few)
+    assert calls == [] and not [k for k in matching._picked if k[0] == "best-set"]
+    first = best_matches(x, many)
+    assert calls == [1, 8, 8]  # a warm-up on one frame, then two timed runs
+    (key, pick), = [(k, v) for k, v in matching._picked.items() if k[0] == "best-set"]
+    assert key == ("best-set", "cpu", torch.float32, (32, 10, 14), ((6, 8), (9, 12)), 16, 4)
+    calls.clear()
+    again = best_matches(x, many)
+    assert calls == ([8] if pick == "fft" else [])
+    want = best_matches(x, many, method="slices")
+    for a, b, c in zip(first, again, want):
+        torch.testing.assert_close(a, c)
+        torch.testing.assert_close(b, c)
+
+
+def test_template_spectra_are_kept_for_the_same_tensors_and_remade_when_one_changes():
+    torch.manual_seed(2)
+    x = torch.nn.functional.normalize(torch.randn(3, 8, 7, 9), dim=1)
+    temps = [torch.nn.functional.normalize(torch.randn(8, h, w), dim=0) for h, w in [(3, 3), (2, 4)]]
+    p = spectral.plan((7, 9), spectral.sizes_of(temps), x.device)
+    first = spectral.cached_spectra(temps, p)
+    assert spectral.cached_spectra(temps, p) is first
+    assert spectral.cached_spectra(list(temps), p) is first  # a new list of the same tensors
+    temps[1].mul_(-1)  # changed in place: the scores must follow
+    assert spectral.cached_spectra(temps, p) is not first
+    got = best_matches(x, temps, method="fft")
+    want = best_matches(x, temps, method="slices")
+    torch.testing.assert_close(got[0], want[0])
+    copies = [t.clone() for t in temps]  # other tensors, same values: computed again
+    assert spectral.cached_spectra(copies, p) is not spectral.cached_spectra(temps, p)
+    assert len(spectral._spectra) <= spectral.SPECTRA_CACHE
