@@ -226,15 +226,21 @@ def _size_groups(
 ) -> tuple[torch.Tensor, list[tuple[tuple[int, int], list[int], torch.Tensor]]]:
     """``valid`` on the features' device (default: the full grid), and the templates by
     size: ``((h, w), indices, group Tensor[m, C, h, w] in the features' dtype)``."""
-    n, _, H, W = features.shape
-    if valid is None:  # made on the device: a copy from the host would wait for the GPU's queued work
-        valid = features.new_full((n, 2), H, dtype=torch.long)
-        valid[:, 1] = W
+    valid = _valid(features, valid)
     by_size: dict[tuple[int, int], list[int]] = {}
     for k, t in enumerate(templates):
         by_size.setdefault((int(t.shape[1]), int(t.shape[2])), []).append(k)
     groups = [(size, idx, torch.stack([templates[k] for k in idx]).to(features.dtype)) for size, idx in by_size.items()]
-    return valid.to(features.device), groups
+    return valid, groups
+
+
+def _valid(features: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """``valid Tensor[N, 2]`` on the features' device; default the full grid."""
+    n, _, H, W = features.shape
+    if valid is None:  # made on the device: a copy from the host would wait for the GPU's queued work
+        valid = features.new_full((n, 2), H, dtype=torch.long)
+        valid[:, 1] = W
+    return valid.to(features.device)
 
 
 def patchwise_cosine(
@@ -312,7 +318,7 @@ def best_matches(
     n, c, H, W = features.shape
     if not templates or method not in ("auto", "fft"):
         return _best_by_groups(features, templates, valid, max_bytes, method)
-    valid = _size_groups(features, [], valid)[0]
+    valid = _valid(features, valid)
     sizes = spectral.sizes_of(templates)
     if method == "fft":
         return spectral.best_matches(features, templates, valid, max_bytes)
