@@ -29,7 +29,9 @@ because each transform is one large GEMM and the layout changes come with them.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,13 +39,18 @@ from dataclasses import dataclass
 import torch
 
 #: Template spectra kept for template lists seen recently (a scan passes the same list
-#: with every batch); each holds ``P*(Q//2+1) * C * 2T`` floats.
+#: with every batch); each holds ``P*(Q//2+1) * C * 2T`` floats (:func:`spectra_bytes`).
 SPECTRA_CACHE = 2
 #: On the CPU, frames per pass at most: larger passes ran slower on the 2-core machine (for
 #: 32 and 64 frames of 112x30x40, 0.3-0.9x of 16 over four template sets, 8 and 4 also
 #: slower), their intermediates being fresh memory of tens to hundreds of MB.
 CPU_CHUNK_FRAMES = 16
-_spectra: OrderedDict[tuple, tuple[list[torch.Tensor], tuple[int, ...], torch.Tensor]] = OrderedDict()
+#: ``auto`` weighs the method only where the templates' spectra fit in this many bytes (an
+#: explicit ``method="fft"`` is not bound by it): hundreds of templates at 1024 channels
+#: would otherwise fill a small GPU's memory just to be timed.
+SPECTRA_MAX_BYTES = 2 << 30
+_spectra: OrderedDict[tuple, tuple[list[weakref.ref], tuple[int, ...], torch.Tensor, int]] = OrderedDict()
+_tokens = itertools.count()
 
 
 def fft_length(n: int) -> int:
@@ -154,21 +161,42 @@ def template_spectra(templates: Sequence[torch.Tensor], p: Plan) -> torch.Tensor
 
 
 def cached_spectra(templates: Sequence[torch.Tensor], p: Plan) -> torch.Tensor:
-    """:func:`template_spectra`, kept for the last :data:`SPECTRA_CACHE` template lists.
+    """:func:`template_spectra`, kept while the same template tensors live (at most
+    :data:`SPECTRA_CACHE` lists: a scan passes the same list with every batch).
 
     A list is known again when it holds the same tensor objects, unchanged since (their
-    version counters); the cache holds them, so their memory cannot be reused meanwhile."""
+    version counters). The cache refers to them weakly: when one is freed its entry goes,
+    so a finished scan leaves no spectra in (GPU) memory, and a new tensor at a freed
+    one's address is never taken for it."""
     key = (tuple(id(t) for t in templates), p.grid, p.P, p.Q, templates[0].device)
     versions = tuple(t._version for t in templates)
     hit = _spectra.get(key)
-    if hit is not None and all(a is b for a, b in zip(hit[0], templates)) and hit[1] == versions:
+    if hit is not None and all(r() is t for r, t in zip(hit[0], templates)) and hit[1] == versions:
         _spectra.move_to_end(key)
         return hit[2]
     spectra = template_spectra(templates, p)
-    _spectra[key] = (list(templates), versions, spectra)
+    token = next(_tokens)
+    _spectra[key] = ([weakref.ref(t) for t in templates], versions, spectra, token)
+    for t in {id(t): t for t in templates}.values():
+        weakref.finalize(t, _forget, key, token)  # the token, not the spectra: nothing kept alive
     while len(_spectra) > SPECTRA_CACHE:
         _spectra.popitem(last=False)
     return spectra
+
+
+def _forget(key: tuple, token: int) -> None:
+    """A template of ``key``'s entry was freed: drop the entry, if it is still that one."""
+    hit = _spectra.get(key)
+    if hit is not None and hit[3] == token:
+        del _spectra[key]
+
+
+def spectra_bytes(grid: tuple[int, int], channels: int, sizes: Sequence[tuple[int, int]]) -> int:
+    """Bytes of the template spectra (:func:`template_spectra`) for these template sizes."""
+    H, W = grid
+    P = fft_length(H + max(h for h, _ in sizes) // 2)
+    Q = fft_length(W + max(w for _, w in sizes) // 2)
+    return 4 * P * (Q // 2 + 1) * channels * 2 * len(sizes)
 
 
 def frame_spectra(features: torch.Tensor, p: Plan) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 import torch
@@ -136,3 +138,35 @@ def test_template_spectra_are_kept_for_the_same_tensors_and_remade_when_one_chan
     copies = [t.clone() for t in temps]  # other tensors, same values: computed again
     assert spectral.cached_spectra(copies, p) is not spectral.cached_spectra(temps, p)
     assert len(spectral._spectra) <= spectral.SPECTRA_CACHE
+
+
+def test_template_spectra_go_when_their_templates_are_freed():
+    torch.manual_seed(4)
+    spectral._spectra.clear()
+    temps = [torch.nn.functional.normalize(torch.randn(8, 3, 3), dim=0) for _ in range(2)]
+    kept = [torch.nn.functional.normalize(torch.randn(8, 2, 2), dim=0)]
+    p = spectral.plan((7, 9), ((3, 3),), torch.device("cpu"))
+    spectral.cached_spectra(temps, p)
+    spectral.cached_spectra(kept, p)
+    assert len(spectral._spectra) == 2
+    del temps[1]  # one of the list's tensors freed: its entry goes, the other stays
+    gc.collect()
+    assert len(spectral._spectra) == 1
+    (refs, _, _, _), = spectral._spectra.values()
+    assert refs[0]() is kept[0]
+
+
+def test_auto_does_not_weigh_the_spectral_method_beyond_its_memory_bound(monkeypatch):
+    monkeypatch.setattr(matching, "_picked", {})
+    torch.manual_seed(5)
+    x = torch.nn.functional.normalize(torch.randn(4, 32, 10, 14), dim=1)
+    many = [torch.nn.functional.normalize(torch.randn(32, 9, 12), dim=0) for _ in range(16)]
+    need = spectral.spectra_bytes((10, 14), 32, spectral.sizes_of(many))
+    p = spectral.plan((10, 14), spectral.sizes_of(many), x.device)
+    assert need == spectral.template_spectra(many, p).numel() * 4
+    monkeypatch.setattr(spectral, "SPECTRA_MAX_BYTES", need - 1)
+    best_matches(x, many)
+    assert not [k for k in matching._picked if k[0] == "best-set"]
+    monkeypatch.setattr(spectral, "SPECTRA_MAX_BYTES", need)
+    best_matches(x, many)
+    assert [k for k in matching._picked if k[0] == "best-set"]
