@@ -170,3 +170,19 @@ def test_auto_does_not_weigh_the_spectral_method_beyond_its_memory_bound(monkeyp
     monkeypatch.setattr(spectral, "SPECTRA_MAX_BYTES", need)
     best_matches(x, many)
     assert [k for k in matching._picked if k[0] == "best-set"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the GPU machine)")
+def test_spectral_method_on_cuda_equals_the_cpu_reference():
+    """fp16 features on the GPU, as a scan holds them: the same best positions as the direct
+    method in fp64 on the same (fp16-rounded) values, scores within fp32 rounding."""
+    torch.manual_seed(6)
+    H, W = 20, 30
+    valid = torch.tensor([[20, 30], [14, 22], [20, 9]])
+    x = torch.from_numpy(_frames(np.random.default_rng(6), 3, 64, H, W, valid.tolist())).half()
+    temps = [torch.nn.functional.normalize(torch.randn(64, h, w), dim=0).half()
+             for h, w in [(2, 4), (7, 12), (5, 5), (9, 16)] * 4]
+    want = best_matches(x.double(), [t.double() for t in temps], valid, method="slices")
+    got = best_matches(x.cuda(), [t.cuda() for t in temps], valid.cuda(), method="fft")
+    torch.testing.assert_close(got[0].double().cpu(), want[0].double(), atol=1e-4, rtol=0)
+    assert torch.equal(got[1].cpu(), want[1]) and torch.equal(got[2].cpu(), want[2])
