@@ -305,9 +305,10 @@ def best_matches(
         the frames' spectra, whose cost grows with the number of templates but not their
         size). ``"auto"`` times the methods this device has per size group, and where the
         spectral method's arithmetic is the smaller (:func:`dtm_ops.spectral.estimated_macs`:
-        many templates, large ones) and the templates' spectra fit in
-        :data:`dtm_ops.spectral.SPECTRA_MAX_BYTES`, times that against the best per group
-        for the whole set of templates, once per set of template sizes.
+        many templates, large ones), the templates' spectra fit in
+        :data:`dtm_ops.spectral.SPECTRA_MAX_BYTES` and the features are not float64 (the
+        method computes in fp32), times that against the best per group for the whole set
+        of templates, once per set of template sizes.
 
     Returns:
         ``(score, row, col)``, each ``Tensor[T, N]``: as :func:`best_positions` of each
@@ -323,7 +324,8 @@ def best_matches(
     sizes = spectral.sizes_of(templates)
     if method == "fft":
         return spectral.best_matches(features, templates, valid, max_bytes)
-    if (spectral.estimated_macs((H, W), c, sizes) >= spectral.direct_macs((H, W), c, sizes)
+    if (features.dtype == torch.float64  # its arithmetic is fp32: not for callers who asked for more
+            or spectral.estimated_macs((H, W), c, sizes) >= spectral.direct_macs((H, W), c, sizes)
             or spectral.spectra_bytes((H, W), c, sizes) > spectral.SPECTRA_MAX_BYTES):
         return _best_by_groups(features, templates, valid, max_bytes, method)
     candidates = {

@@ -108,6 +108,7 @@ def test_auto_times_the_spectral_method_for_many_templates_only(monkeypatch):
     assert spectral.estimated_macs((10, 14), 32, [(2, 2)]) > spectral.direct_macs((10, 14), 32, [(2, 2)])
 
     best_matches(x, few)
+    best_matches(x.double(), [t.double() for t in many])  # float64 asks for more than its fp32
     assert calls == [] and not [k for k in matching._picked if k[0] == "best-set"]
     first = best_matches(x, many)
     assert calls == [1, 8, 8]  # a warm-up on one frame, then two timed runs
