@@ -37,6 +37,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from dtm_ops import matching
 from dtm_ops.fingerprint import Fingerprint
 from dtm_ops.search import PreparedQuery, Query, Searcher
 from dtm_ops.store import FeatureStore
@@ -201,7 +202,9 @@ def main() -> None:
             if len(searchers) > 1:
                 label += f", {searcher.frames_per_step(sample)}{'' if bf else ' (default)'} a step"
             w = 31 if len(searchers) == 1 else 58
-            print(f"  {'matcher alone, ' + label:<{w}}: {total / 1e6 / t_match:8.0f} MB/s {a.frames / t_match:9.0f} frames/s")
+            pick = sorted({v for k, v in matching._picked.items() if k[0] == "best-set" and k[5] == nq * ns})
+            print(f"  {'matcher alone, ' + label:<{w}}: {total / 1e6 / t_match:8.0f} MB/s {a.frames / t_match:9.0f} frames/s"
+                  + (f"  (auto for the whole set: {', '.join(pick)})" if pick else ""))
             print(f"  {'scan, ' + label:<{w}}: {total / 1e6 / t_scan:8.0f} MB/s {a.frames / t_scan:9.0f} frames/s  "
                   f"scan / raw read = {t_raw / t_scan:.2f}")
             if not cuda and case == a.cases[0] and bf == a.batch_frames[0]:  # before the reused buffer
@@ -214,7 +217,7 @@ def main() -> None:
                                       "frames_per_step": searcher.frames_per_step(sample),
                                       "bytes": total, "raw_seq_s": t_seq, "raw_par_s": t_par, "reader_s": t_reader,
                                       "raw_busy": busy, "matcher_s": t_match, "scan_s": t_scan,
-                                      "ratio": t_raw / t_scan}) + "\n")
+                                      "ratio": t_raw / t_scan, "set_pick": pick}) + "\n")
         if device.type == "cuda":  # the GPU scan (fp16, pinned copies) finds what the CPU scan (fp32) finds
             prepared = queries(1, 9, a.channels)
             gpu = searchers[a.batch_frames[0]].scan(store, prepared, shards[:2])["q0"].items()
