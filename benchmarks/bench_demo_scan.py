@@ -75,7 +75,7 @@ def main() -> None:
         return best, heaps
 
     t_engine, engine = timed()
-    picks = sorted({v for k, v in matching._picked.items() if k[0] == "best-set"})
+    picks = sorted(matching.set_picks([t.features for p in prepared for t in p.templates]))
     real = search.best_matches
     search.best_matches = by_groups
     try:

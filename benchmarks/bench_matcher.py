@@ -147,14 +147,12 @@ def bench_cpu(frames: int, repeat: int, log) -> None:
         log({"kind": "cpu_methods", "case": label, **{f"{m}_fps": v for m, v in fps.items()}})
 
 
-def picked(Q: int, C: int, h: int, w: int, n: int) -> str:
-    """The engine's pick for ``Q`` templates of ``h x w`` over ``n`` frames: the spectral
+def picked(temps: list[torch.Tensor], C: int, h: int, w: int, n: int) -> str:
+    """The engine's pick for these ``h x w`` templates over ``n`` frames: the spectral
     method where it was weighed for the whole set and won, else the size group's method."""
-    bits = n.bit_length()
-    for k, v in matching._picked.items():
-        if k[0] == "best-set" and k[4] == ((h, w),) and k[5] == Q and k[1:4] == ("cuda", torch.float16, (C, *GPU_GRID)) \
-                and k[6] == bits and v == "fft":
-            return v
+    if "fft" in matching.set_picks(temps):
+        return "fft"
+    Q, bits = len(temps), n.bit_length()
     return [v for k, v in matching._picked.items() if k[0] == "best" and k[4] == (Q, C, h, w) and k[5] == bits][0]
 
 
@@ -187,8 +185,8 @@ def bench_gpu(repeat: int, log, channels=(128, 256, 1024)) -> None:
                 t_e = timeit(lambda: engine(feats, temps), repeat, sync)
                 t_c = timeit(lambda: batched_conv(feats, temps), repeat, sync)
                 t_s = timeit(lambda: engine(feats, temps, "shift"), repeat, sync)
-                sizes = [(h, w)] * Q  # the spectral method, timed where its arithmetic is the smaller
-                spectral_tried = spectral.estimated_macs(GPU_GRID, C, sizes) < spectral.direct_macs(GPU_GRID, C, sizes)
+                # the spectral method alone, timed wherever the engine weighs it
+                spectral_tried = spectral.weighed(torch.float16, GPU_GRID, C, [(h, w)] * Q)
                 t_f = timeit(lambda: engine(feats, temps, "fft"), repeat, sync) if spectral_tried else None
                 t_es = timeit(streamed(lambda: engine(feats, temps)), repeat, sync) / STREAM
                 t_cs = timeit(streamed(lambda: batched_conv(feats, temps)), repeat, sync) / STREAM
@@ -201,7 +199,7 @@ def bench_gpu(repeat: int, log, channels=(128, 256, 1024)) -> None:
                           check(feats[:2], temps, 2e-2, "fft") if spectral_tried else 0.0)
                 fe, fc, fs, fes, fcs, fgs = (frames / t for t in (t_e, t_c, t_s, t_es, t_cs, t_gs))
                 gbps, gbps_s, gbps_g = (f * per_frame / 1e9 for f in (fe, fes, fgs))
-                pick = picked(Q, C, h, w, len(feats))
+                pick = picked(temps, C, h, w, len(feats))
                 ff = frames / t_f if t_f else None
                 print(f"{C:>5} {h:>2}x{w:<3} {Q:>3} {frames:>4} {fe:>11.0f} {gbps:>6.0f} {100 * gbps / hbm:>4.0f}% "
                       f"{fc:>11.0f} {fe / fc:>8.2f}x {err:>8.1e} {pick:>6} {fs:>10.0f} {fes:>9.0f} {gbps_s:>6.0f} "

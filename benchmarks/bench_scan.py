@@ -202,7 +202,7 @@ def main() -> None:
             if len(searchers) > 1:
                 label += f", {searcher.frames_per_step(sample)}{'' if bf else ' (default)'} a step"
             w = 31 if len(searchers) == 1 else 58
-            pick = sorted({v for k, v in matching._picked.items() if k[0] == "best-set" and k[5] == nq * ns})
+            pick = sorted(matching.set_picks([t.features for p in prepared for t in p.templates]))
             print(f"  {'matcher alone, ' + label:<{w}}: {total / 1e6 / t_match:8.0f} MB/s {a.frames / t_match:9.0f} frames/s"
                   + (f"  (auto for the whole set: {', '.join(pick)})" if pick else ""))
             print(f"  {'scan, ' + label:<{w}}: {total / 1e6 / t_scan:8.0f} MB/s {a.frames / t_scan:9.0f} frames/s  "

@@ -32,6 +32,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
+
 class GraphCache:
     """``fn(*inputs)`` replayed from CUDA graphs for inputs seen before.
 

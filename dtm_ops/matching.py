@@ -303,12 +303,10 @@ def best_matches(
         Triton: :mod:`dtm_ops.shiftmax`, products summed and reduced in one kernel, no map
         in GPU memory) or ``"fft"`` (:mod:`dtm_ops.spectral`: all templates at once through
         the frames' spectra, whose cost grows with the number of templates but not their
-        size). ``"auto"`` times the methods this device has per size group, and where the
-        spectral method's arithmetic is the smaller (:func:`dtm_ops.spectral.estimated_macs`:
-        many templates, large ones), the templates' spectra fit in
-        :data:`dtm_ops.spectral.SPECTRA_MAX_BYTES` and the features are not float64 (the
-        method computes in fp32), times that against the best per group for the whole set
-        of templates, once per set of template sizes.
+        size). ``"auto"`` times the methods this device has per size group, and where
+        :func:`dtm_ops.spectral.weighed` says so (its arithmetic the smaller: many
+        templates, large ones), times the spectral method against the best per group for
+        the whole set of templates, once per set of template sizes.
 
     Returns:
         ``(score, row, col)``, each ``Tensor[T, N]``: as :func:`best_positions` of each
@@ -324,17 +322,30 @@ def best_matches(
     sizes = spectral.sizes_of(templates)
     if method == "fft":
         return spectral.best_matches(features, templates, valid, max_bytes)
-    if (features.dtype == torch.float64  # its arithmetic is fp32: not for callers who asked for more
-            or spectral.estimated_macs((H, W), c, sizes) >= spectral.direct_macs((H, W), c, sizes)
-            or spectral.spectra_bytes((H, W), c, sizes) > spectral.SPECTRA_MAX_BYTES):
+    if not spectral.weighed(features.dtype, (H, W), c, sizes):
         return _best_by_groups(features, templates, valid, max_bytes, method)
     candidates = {
         "groups": lambda f, v: _best_by_groups(f, templates, v, max_bytes, "auto"),
         "fft": lambda f, v: spectral.best_matches(f, templates, v, max_bytes),
     }
-    key = ("best-set", features.device.type, features.dtype, (c, H, W), tuple(sorted(set(sizes))), len(sizes),
-           n.bit_length())
+    key = ("best-set", features.device.type, features.dtype, (c, H, W), _set_sizes(sizes), n.bit_length())
     return _fastest(key, candidates, (features, valid), (features[:1], valid[:1]))
+
+
+def _set_sizes(sizes: Sequence[tuple[int, int]]) -> tuple:
+    """A template set's part of its pick's key: its distinct sizes and how many templates."""
+    return tuple(sorted(set(sizes))), len(sizes)
+
+
+def set_picks(templates: Sequence[torch.Tensor]) -> set[str]:
+    """What ``auto`` picked for whole sets of templates of these sizes and channels (``"fft"``
+    or ``"groups"``), on any device, grid and batch size: for benchmarks to report. Empty
+    where the spectral method was not weighed."""
+    from dtm_ops import spectral
+
+    sig = _set_sizes(spectral.sizes_of(templates))
+    c = templates[0].shape[0] if templates else None
+    return {v for k, v in _picked.items() if k[0] == "best-set" and k[3][0] == c and k[4] == sig}
 
 
 def _best_by_groups(

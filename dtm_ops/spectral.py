@@ -287,6 +287,16 @@ def estimated_macs(grid: tuple[int, int], channels: int, sizes: Sequence[tuple[i
             + 2 * hout * P * qh * 2 * T + hout * T * 2 * qh * wout)
 
 
+def weighed(dtype: torch.dtype, grid: tuple[int, int], channels: int, sizes: Sequence[tuple[int, int]]) -> bool:
+    """Whether ``auto`` (:func:`dtm_ops.matching.best_matches`) times this method for a set
+    of templates: its multiply-adds are fewer than the direct methods', the spectra fit in
+    :data:`SPECTRA_MAX_BYTES`, and the features are not float64 (it computes in fp32; a
+    caller passing float64 asked for more)."""
+    return (dtype != torch.float64
+            and estimated_macs(grid, channels, sizes) < direct_macs(grid, channels, sizes)
+            and spectra_bytes(grid, channels, sizes) <= SPECTRA_MAX_BYTES)
+
+
 def direct_macs(grid: tuple[int, int], channels: int, sizes: Sequence[tuple[int, int]]) -> int:
     """Multiply-adds per frame of the direct methods' products: every template cell against
     every frame cell."""

@@ -113,7 +113,8 @@ def test_auto_times_the_spectral_method_for_many_templates_only(monkeypatch):
     first = best_matches(x, many)
     assert calls == [1, 8, 8]  # a warm-up on one frame, then two timed runs
     (key, pick), = [(k, v) for k, v in matching._picked.items() if k[0] == "best-set"]
-    assert key == ("best-set", "cpu", torch.float32, (32, 10, 14), ((6, 8), (9, 12)), 16, 4)
+    assert key == ("best-set", "cpu", torch.float32, (32, 10, 14), (((6, 8), (9, 12)), 16), 4)
+    assert matching.set_picks(many) == {pick} and matching.set_picks(few) == set()
     calls.clear()
     again = best_matches(x, many)
     assert calls == ([8] if pick == "fft" else [])
