@@ -3,8 +3,10 @@
 A feature store is filled with unit-norm features (``--grid``, ``--channels``), then, in one
 run, side by side:
 
-- raw read: the shard objects' bytes fetched and nothing else, once one after the other
-  and once with the store's parallelism (``workers`` GETs in flight); the faster counts;
+- raw read: the shard objects' bytes fetched and nothing else, once one after the other,
+  once with the store's parallelism (``workers`` whole-object GETs in flight) and once as
+  the reader makes its GETs (ranged parts read in place into one buffer per shard); the
+  fastest counts;
 - scan: :meth:`dtm_ops.search.Searcher.scan` over every shard, which is what a mapped scan
   task runs: GETs, checksum, decode (worker threads), pinned host-to-device copies one batch
   ahead (CUDA), matching (after centring on the lake's mean cell with ``--center``), best
@@ -17,9 +19,10 @@ run, side by side:
 The store is the S3 server (Ceph RGW on 127.0.0.1, as in bench_store.py) when ``--s3``,
 else a local folder. Target (issue 7): scan / raw read >= 0.8 where the read is the slowest
 stage; with many templates on a CPU the matcher is slower than the read, and the table says
-so.
+so. With ``--server-cpus`` the S3 server runs on those CPUs and the scan on the others, as it
+would with the server on other machines; by default both share every core.
 
-    .venv/bin/python benchmarks/bench_scan.py [--s3] [--frames 2048] [--cases 1x1 1x9 16x9]
+    .venv/bin/python benchmarks/bench_scan.py [--s3 [--server-cpus 0]] [--frames 2048] [--cases 1x1 1x9 16x9]
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import os
 import subprocess
 import tempfile
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,7 +45,7 @@ from dtm_ops import matching
 from dtm_ops.fingerprint import Fingerprint
 from dtm_ops.search import PreparedQuery, Query, Searcher
 from dtm_ops.store import FeatureStore
-from dtm_ops.store.feature_store import SHARDS
+from dtm_ops.store.feature_store import SHARDS, part_bytes
 from dtm_ops.store.format import FrameEntry
 from dtm_ops.templates import Template
 from timing import best_of
@@ -118,6 +122,46 @@ def fresh_copies(fn):
         dtm_ops.search.feed = kept
 
 
+def raw_ranged(store: FeatureStore, shards) -> None:
+    """The reader's GETs and nothing else: each shard's ranged parts (:func:`part_bytes`) on
+    ``store.workers`` threads, read in place into one new buffer per shard, shards started
+    ahead within the reader's budget (``store.prefetch_bytes``) and waited for in order."""
+    objects = store.objects
+    with ThreadPoolExecutor(store.workers) as pool:
+        def start(entry):
+            buf = memoryview(torch.empty(entry.bytes, dtype=torch.uint8).numpy())
+            step = part_bytes(entry.bytes, store.workers) if objects.ranged_reads else entry.bytes
+            return entry.bytes, [pool.submit(objects.read_into, SHARDS + entry.name, buf[o : o + step], o)
+                                 for o in range(0, entry.bytes, step)]
+
+        ahead: deque = deque()
+        in_flight = 0
+        for entry in shards:
+            while ahead and in_flight + entry.bytes > store.prefetch_bytes:
+                size, parts = ahead.popleft()
+                [f.result() for f in parts]
+                in_flight -= size
+            ahead.append(start(entry))
+            in_flight += entry.bytes
+        for _, parts in ahead:
+            [f.result() for f in parts]
+
+
+def pin_server(folder: str, cpus: set[int]) -> set[int]:
+    """Pin every thread of the S3 server started in ``folder`` to ``cpus`` and this process to
+    the other CPUs (its torch threads as many); returns those."""
+    rest = os.sched_getaffinity(0) - cpus
+    if not cpus or not rest:
+        have = sorted(os.sched_getaffinity(0))
+        raise SystemExit(f"--server-cpus {sorted(cpus)} must leave this process one of its CPUs {have}")
+    for pidfile in Path(folder, "run").glob("*.pid"):
+        subprocess.run(["taskset", "-a", "-p", "-c", ",".join(map(str, sorted(cpus))), pidfile.read_text().strip()],
+                       check=True, capture_output=True)
+    os.sched_setaffinity(0, rest)
+    torch.set_num_threads(len(rest))
+    return rest
+
+
 def busy_during(fn) -> float:
     """Share of the machine's CPU time that was busy while ``fn`` ran (from /proc/stat)."""
     def ticks() -> tuple[int, int]:
@@ -144,6 +188,9 @@ def main() -> None:
                          "device (default)")
     ap.add_argument("--center", action="store_true", help="mean-centred matching (Searcher(center=True))")
     ap.add_argument("--cuda-graphs", action="store_true", help="Searcher(cuda_graphs=True): CUDA graphs per step")
+    ap.add_argument("--server-cpus", type=int, nargs="+", default=[],
+                    help="with --s3: pin the S3 server to these CPUs and this process to the others, as a server "
+                         "on other machines would be (default: both share every CPU)")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--json", help="also write one JSON line per measurement here")
     a = ap.parse_args()
@@ -155,6 +202,12 @@ def main() -> None:
         bucket = f"scan-{int(time.time())}"
         cfg.client().create_bucket(Bucket=bucket)
         uri, kw = f"s3://{bucket}/lake", {"s3_config": cfg}
+        if a.server_cpus:
+            if folder is None:
+                raise SystemExit("--server-cpus needs the S3 server started here (no DTM_S3_ENDPOINT)")
+            rest = pin_server(folder, set(a.server_cpus))
+            print(f"S3 server pinned to CPU {', '.join(map(str, a.server_cpus))}; this process to CPU "
+                  f"{', '.join(map(str, sorted(rest)))}")
     else:
         uri, kw = tempfile.mkdtemp(prefix="dtm-scan-"), {}
     try:
@@ -174,7 +227,8 @@ def main() -> None:
 
         t_seq = best_of(raw_sequential, a.repeat)
         t_par = best_of(raw_parallel, a.repeat)
-        t_raw = min(t_seq, t_par)
+        t_ranged = best_of(lambda: raw_ranged(store, shards), a.repeat)
+        t_raw = min(t_seq, t_par, t_ranged)
         busy = busy_during(raw_parallel)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
@@ -183,6 +237,8 @@ def main() -> None:
         print(f"  raw read, sequential GETs      : {total / 1e6 / t_seq:8.0f} MB/s {a.frames / t_seq:9.0f} frames/s")
         print(f"  raw read, {store.workers} GETs in flight     : {total / 1e6 / t_par:8.0f} MB/s {a.frames / t_par:9.0f} frames/s"
               f"  ({busy:.0%} of the machine's {os.cpu_count()} cores busy)")
+        print(f"  raw read, the reader's GETs    : {total / 1e6 / t_ranged:8.0f} MB/s "
+              f"{a.frames / t_ranged:9.0f} frames/s")
         cuda = device.type == "cuda"
         t_reader = best_of(lambda: [None for _ in store.iter_shards(shards, pin_memory=cuda)], a.repeat)
         print(f"  reader (GET, CRC, decode{', pinned' if cuda else ''}) : {total / 1e6 / t_reader:8.0f} MB/s "
@@ -215,7 +271,8 @@ def main() -> None:
                 log.write(json.dumps({"kind": "scan", "store": "s3" if a.s3 else "local", "device": name,
                                       "queries": nq, "scales": ns, "center": a.center, "frames": a.frames,
                                       "frames_per_step": searcher.frames_per_step(sample),
-                                      "bytes": total, "raw_seq_s": t_seq, "raw_par_s": t_par, "reader_s": t_reader,
+                                      "bytes": total, "raw_seq_s": t_seq, "raw_par_s": t_par, "raw_ranged_s": t_ranged,
+                                      "server_cpus": a.server_cpus, "reader_s": t_reader,
                                       "raw_busy": busy, "matcher_s": t_match, "scan_s": t_scan,
                                       "ratio": t_raw / t_scan, "set_pick": pick}) + "\n")
         if device.type == "cuda":  # the GPU scan (fp16, pinned copies) finds what the CPU scan (fp32) finds
