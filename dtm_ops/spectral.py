@@ -19,12 +19,20 @@ No wrap-around: the template is placed so that map index ``(a, b)`` (top-left
 of a position never reaches frame cells from the other side. Cells off the frame count 0,
 as in the direct methods (features are zero on padding).
 
-The transforms are products with DFT matrices (real GEMMs in fp32, each direction in turn,
-laid out so that the per-frequency products are batched matrix products): the same
-numbers as ``torch.fft`` (tested), and on the 2-core CPU several times faster than
+The transforms are products with DFT matrices (real GEMMs, each direction in turn, laid
+out so that the per-frequency products are batched matrix products): the same numbers as
+``torch.fft`` (tested), and on the 2-core CPU several times faster than
 ``torch.fft.rfft2`` and the transpose its output needs, for these sizes (one-off timings
 for 32 frames of 112x30x40 cells: about 7 ms, against 22-31 ms for ``rfft2`` alone):
 each transform is one large GEMM, and the layout changes come with them.
+
+Precision (:func:`transform_dtype`): everything in fp32, except for fp16 features on CUDA
+(a GPU scan's): there the forward transforms, most of the method's arithmetic for a few
+dozen templates, are fp16 GEMMs (tensor cores, fp32 accumulation), and their fp16 spectra
+meet the templates' in products that accumulate and come out in fp32 (fp16 sums over
+channels would overflow: hundreds of channels times spectra in the hundreds). Emulated on
+the CPU for C=256 on a 68x120 grid, 8 templates of 7x12 and 4 of 17x30 cut from the
+frames, the scores were within 5.2e-5 of the fp64 direct method, at the same positions.
 """
 
 from __future__ import annotations
@@ -80,6 +88,9 @@ class Plan:
             ``(re/im, frequency)`` order, columns in ``(row, re/im)`` order.
         ih (Tensor[2*hout, P]): inverse along columns, ``[cos; sin] / P``, the map's rows only.
         iw (Tensor[2*Qh, wout]): inverse along rows to real values (Hermitian weights, ``/ Q``).
+
+    ``dw`` and ``eh`` are in the forward transforms' dtype (:func:`transform_dtype`), which
+    the frame and template spectra then have; ``ih`` and ``iw`` are float32.
     """
 
     grid: tuple[int, int]
@@ -118,14 +129,25 @@ def padded(grid: tuple[int, int], sizes: Sequence[tuple[int, int]]) -> tuple[int
             fft_length(grid[1] + max(w for _, w in sizes) // 2))
 
 
-def plan_for(features: torch.Tensor, templates: Sequence[torch.Tensor]) -> Plan:
-    """The :func:`plan` of these frames (``Tensor[n, C, H, W]``) and templates."""
-    return plan(tuple(features.shape[2:]), tuple(sorted(set(sizes_of(templates)))), features.device)
+def transform_dtype(features: torch.Tensor) -> torch.dtype:
+    """The forward transforms' dtype for these features: float16 for fp16 features on CUDA
+    (tensor cores), else float32. The products and the inverse are float32 always."""
+    return torch.float16 if features.dtype == torch.float16 and features.is_cuda else torch.float32
+
+
+def plan_for(features: torch.Tensor, templates: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> Plan:
+    """The :func:`plan` of these frames (``Tensor[n, C, H, W]``) and templates; forward
+    transforms in ``dtype`` (default :func:`transform_dtype`)."""
+    sizes = tuple(sorted(set(sizes_of(templates))))
+    return plan(tuple(features.shape[2:]), sizes, features.device, dtype or transform_dtype(features))
 
 
 @functools.lru_cache(maxsize=32)
-def plan(grid: tuple[int, int], sizes: tuple[tuple[int, int], ...], device: torch.device) -> Plan:
-    """The :class:`Plan` for frames of ``grid`` and templates of ``sizes`` (``(h, w)`` each)."""
+def plan(
+    grid: tuple[int, int], sizes: tuple[tuple[int, int], ...], device: torch.device, dtype: torch.dtype = torch.float32
+) -> Plan:
+    """The :class:`Plan` for frames of ``grid`` and templates of ``sizes`` (``(h, w)`` each),
+    forward transforms in ``dtype``."""
     from dtm_ops.matching import map_shape
 
     H, W = grid
@@ -145,12 +167,13 @@ def plan(grid: tuple[int, int], sizes: tuple[tuple[int, int], ...], device: torc
         weight[-1] = 1.0  # the Nyquist column stands for itself
     a = _angles(qh, wout, Q)  # [Qh, wout]
     iw = torch.cat([a.cos() * weight, -a.sin() * weight], 0) / Q
-    mats = (m.to(device, torch.float32) for m in (dw, eh, ih, iw))
-    return Plan(grid, P, Q, hout, wout, *mats)
+    return Plan(grid, P, Q, hout, wout, dw.to(device, dtype), eh.to(device, dtype),
+                ih.to(device, torch.float32), iw.to(device, torch.float32))
 
 
 def template_spectra(templates: Sequence[torch.Tensor], p: Plan) -> torch.Tensor:
-    """``Tensor[K, C, 2T]``: the conjugate spectra of the templates, ``[real | imaginary]``.
+    """``Tensor[K, C, 2T]``: the conjugate spectra of the templates, ``[real | imaginary]``,
+    computed in fp32 and stored in the plan's forward dtype.
 
     Args:
         templates (list of Tensor[C, h_t, w_t]): unit-norm per cell.
@@ -168,7 +191,7 @@ def template_spectra(templates: Sequence[torch.Tensor], p: Plan) -> torch.Tensor
         spec = torch.fft.rfft2(pad.roll((-(h // 2), -(w // 2)), (1, 2))).conj().permute(1, 2, 0)  # [P, Qh, C]
         out[:, :, :, k] = spec.real
         out[:, :, :, T + k] = spec.imag
-    return out.view(p.frequencies, c, 2 * T)
+    return out.view(p.frequencies, c, 2 * T).to(p.dw.dtype)
 
 
 def cached_spectra(templates: Sequence[torch.Tensor], p: Plan) -> torch.Tensor:
@@ -179,7 +202,7 @@ def cached_spectra(templates: Sequence[torch.Tensor], p: Plan) -> torch.Tensor:
     version counters). The cache refers to them weakly: when one is freed its entry goes,
     so a finished scan leaves no spectra in (GPU) memory, and a new tensor at a freed
     one's address is never taken for it."""
-    key = (tuple(id(t) for t in templates), p.grid, p.P, p.Q, templates[0].device)
+    key = (tuple(id(t) for t in templates), p.grid, p.P, p.Q, templates[0].device, p.dw.dtype)
     versions = tuple(t._version for t in templates)
     hit = _spectra.get(key)
     if hit is not None and all(r() is t for r, t in zip(hit[0], templates)) and hit[1] == versions:
@@ -203,21 +226,23 @@ def _forget(key: tuple, token: int) -> None:
 
 
 def spectra_bytes(grid: tuple[int, int], channels: int, sizes: Sequence[tuple[int, int]]) -> int:
-    """Bytes of the template spectra (:func:`template_spectra`) for these template sizes."""
+    """Bytes of the template spectra (:func:`template_spectra`) for these template sizes,
+    at most (in fp32; half that in fp16), and of their fp32 computation."""
     P, Q = padded(grid, sizes)
     return 4 * P * (Q // 2 + 1) * channels * 2 * len(sizes)
 
 
 def frame_spectra(features: torch.Tensor, p: Plan) -> torch.Tensor:
     """``features (Tensor[n, C, H, W])`` -> ``Tensor[n, 2, K, C]``: real and imaginary parts
-    of each channel's 2-D spectrum, channels innermost (ready for per-frequency products).
+    of each channel's 2-D spectrum, channels innermost (ready for per-frequency products),
+    computed and returned in the plan's forward dtype.
 
     The cells go channels-last first (one copy, fast), so that each transform is a batched
     GEMM whose output is already in the next one's layout; transposing the transform's
     output instead (channels from stride ``H*W`` to 1) took 20 of 30 ms for 32 frames of
     112x30x40 on the 2-core CPU."""
     n, c, H, W = features.shape
-    cells = features.float().permute(0, 2, 3, 1).contiguous()  # [n, H, W, C]
+    cells = features.to(p.dw.dtype).permute(0, 2, 3, 1).contiguous()  # [n, H, W, C]
     b = torch.matmul(p.dw, cells.view(n * H, W, c))  # along rows: [n, H, (re/im, Qh), C]
     return torch.matmul(p.eh, b.view(n, H * 2, p.qh * c)).view(n, 2, p.frequencies, c)  # along columns
 
@@ -227,18 +252,35 @@ def channel_sums(x: torch.Tensor, spectra: torch.Tensor) -> torch.Tensor:
 
     Args:
         x (Tensor[n, 2, K, C]): :func:`frame_spectra`.
-        spectra (Tensor[K, C, 2T]): :func:`template_spectra`.
+        spectra (Tensor[K, C, 2T]): :func:`template_spectra`, of ``x``'s dtype.
 
     Returns:
-        Tensor[K, n, 2, T]: real and imaginary parts.
+        Tensor[K, n, 2, T] float32: real and imaginary parts.
     """
     T = spectra.shape[2] // 2
-    u = torch.bmm(x[:, 0].transpose(0, 1), spectra)  # [K, n, 2T]: (re*re | re*im)
-    v = torch.bmm(x[:, 1].transpose(0, 1), spectra)  # (im*re | im*im)
+    u = _bmm_float32(x[:, 0].transpose(0, 1), spectra)  # [K, n, 2T]: (re*re | re*im)
+    v = _bmm_float32(x[:, 1].transpose(0, 1), spectra)  # (im*re | im*im)
     y = torch.empty(u.shape[0], u.shape[1], 2, T, device=u.device)
     torch.sub(u[:, :, :T], v[:, :, T:], out=y[:, :, 0])
     torch.add(u[:, :, T:], v[:, :, :T], out=y[:, :, 1])
     return y
+
+
+_no_out_dtype: set[str] = set()  # device types where torch.bmm has no out_dtype kernel
+
+
+def _bmm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.bmm(a, b)`` in float32: fp16 inputs multiply as they are, accumulate and come
+    out in fp32, in one GEMM where torch has one (``out_dtype``, CUDA), else from fp32
+    copies of the inputs (the same numbers, more memory traffic)."""
+    if a.dtype == torch.float32:
+        return torch.bmm(a, b)
+    if a.device.type not in _no_out_dtype:
+        try:
+            return torch.bmm(a, b, out_dtype=torch.float32)
+        except (TypeError, NotImplementedError):  # an older torch, or no such kernel on this device
+            _no_out_dtype.add(a.device.type)
+    return torch.bmm(a.float(), b.float())
 
 
 def inverse(y: torch.Tensor, p: Plan) -> torch.Tensor:
@@ -269,12 +311,14 @@ def sums(features: torch.Tensor, templates: Sequence[torch.Tensor], p: Plan | No
 
 
 def frame_bytes(p: Plan, channels: int, templates: int) -> int:
-    """Bytes of the intermediates per frame (fp32), for chunking a batch."""
+    """Bytes of the intermediates per frame, for chunking a batch: the forward transforms'
+    in their dtype, the rest in fp32."""
     H, _ = p.grid
     T = templates
-    floats = (2 * channels * H * 2 * p.qh + 2 * p.frequencies * channels + 3 * p.frequencies * 2 * T
-              + 2 * p.hout * p.qh * 2 * T + p.hout * T * 2 * p.qh + 2 * p.hout * T * p.wout)
-    return 4 * floats
+    forward = 2 * channels * H * 2 * p.qh + 2 * p.frequencies * channels
+    rest = (3 * p.frequencies * 2 * T + 2 * p.hout * p.qh * 2 * T + p.hout * T * 2 * p.qh
+            + 2 * p.hout * T * p.wout)
+    return forward * p.dw.element_size() + 4 * rest
 
 
 def estimated_macs(grid: tuple[int, int], channels: int, sizes: Sequence[tuple[int, int]]) -> int:
@@ -308,6 +352,7 @@ def best_matches(
     templates: Sequence[torch.Tensor],
     valid: torch.Tensor,
     max_bytes: int,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`dtm_ops.matching.best_matches` by this method (its ``method="fft"``).
 
@@ -316,6 +361,8 @@ def best_matches(
         templates (list of Tensor[C, h_t, w_t]), at least one.
         valid (Tensor[n, 2]): valid ``(rows, cols)`` per frame, on the features' device.
         max_bytes: bound on the intermediates of one pass; frames go in chunks within it.
+        dtype: the forward transforms' dtype; default :func:`transform_dtype` (fp16 only for
+            fp16 features on CUDA).
 
     Returns:
         ``(score, row, col)``, each ``Tensor[T, n]``.
@@ -324,7 +371,7 @@ def best_matches(
 
     n, c, H, W = features.shape
     T = len(templates)
-    p = plan_for(features, templates)
+    p = plan_for(features, templates, dtype)
     spectra = cached_spectra(templates, p)
     groups: dict[tuple[int, int], list[int]] = {}
     for k, size in enumerate(sizes_of(templates)):
