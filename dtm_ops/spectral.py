@@ -277,8 +277,10 @@ def _bmm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.bmm(a, b)
     if a.device.type not in _no_out_dtype:
         try:
-            return torch.bmm(a, b, out_dtype=torch.float32)
-        except (TypeError, NotImplementedError):  # an older torch, or no such kernel on this device
+            return torch.bmm(a, b, out_dtype=torch.float32)  # torch >= 2.8, CUDA
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, NotImplementedError, RuntimeError):  # an older torch, no such kernel here
             _no_out_dtype.add(a.device.type)
     return torch.bmm(a.float(), b.float())
 
