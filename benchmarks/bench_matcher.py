@@ -13,7 +13,11 @@ C = 128/256/1024, templates 2x4, 7x12 and 17x30, Q = 1/16/64 queries, fp16, agai
 fp16 conv2d (cuDNN) with a max per frame. It also reports effective GB/s of features read
 and its share of the HBM read bandwidth measured in the same run.
 
+With ``--forms`` (CPU): only the spectral method's two forms of its channel sums, four real
+products per frequency against three, side by side on 32 frames, for 9 to 288 templates.
+
     .venv/bin/python benchmarks/bench_matcher.py [--frames 256] [--repeat 3] [--json OUT.jsonl]
+    .venv/bin/python benchmarks/bench_matcher.py --forms
 """
 
 from __future__ import annotations
@@ -145,6 +149,41 @@ def bench_cpu(frames: int, repeat: int, log) -> None:
         fps = {m: frames / timeit(lambda: engine(feats, temps, m), repeat, sync) for m in CPU_METHODS}
         print(f"{label:<30} " + " ".join(f"{fps[m]:>10.0f}" for m in CPU_METHODS))
         log({"kind": "cpu_methods", "case": label, **{f"{m}_fps": v for m, v in fps.items()}})
+
+
+def spectral_forms(frames: int, repeat: int, log) -> None:
+    """The spectral method's channel sums in four real products per frequency against three
+    (Gauss; :func:`dtm_ops.spectral.channel_sums`), side by side, the two timed in turn
+    ``repeat`` times each, for growing numbers of templates: where the three pay for their
+    extra pass over the frame spectra (:data:`dtm_ops.spectral.THREE_PRODUCTS_MIN`)."""
+    g = torch.Generator().manual_seed(2)
+    feats = unit((frames, CPU_CHANNELS, *CPU_GRID), g, "cpu", torch.float32)
+    valid = torch.tensor([CPU_GRID] * frames)
+    scales = CPU_CASES[4][1]
+    forms = {"four": 1 << 30, "three": 1}
+    kept = spectral.THREE_PRODUCTS_MIN
+    print(f"\nspectral method, cpu float32, {frames} frames of {CPU_CHANNELS}x{CPU_GRID[0]}x{CPU_GRID[1]}; "
+          f"ms per call, best of {repeat} (the forms timed in turn); THREE_PRODUCTS_MIN = {kept}")
+    print(f"{'templates':<26} {'four':>8} {'three':>8} {'three/four':>11}")
+    cases = [("1 x 9 scales", scales), ("16 of 8x6", [(8, 6)] * 16), ("4 x 9 scales", scales * 4),
+             ("64 of 8x6", [(8, 6)] * 64), ("16 x 9 scales", scales * 16), ("32 x 9 scales", scales * 32)]
+    try:
+        for label, sizes in cases:
+            temps = [unit((CPU_CHANNELS, h, w), g, "cpu", torch.float32) for h, w in sizes]
+            call = functools.partial(spectral.best_matches, feats, temps, valid, matching.MAX_PRODUCT_BYTES)
+            took = {name: [] for name in forms}
+            for name, least in forms.items():  # warm-up: plans and both forms of the spectra
+                spectral.THREE_PRODUCTS_MIN = least
+                torch.testing.assert_close(call()[0], engine(feats, temps, "slices"), atol=1e-4, rtol=0)
+            for _ in range(repeat):
+                for name, least in forms.items():
+                    spectral.THREE_PRODUCTS_MIN = least
+                    took[name].append(best_of(call, 1))
+            four, three = min(took["four"]) * 1e3, min(took["three"]) * 1e3
+            print(f"{f'{len(temps)} ({label})':<26} {four:>8.1f} {three:>8.1f} {three / four:>10.2f}x")
+            log({"kind": "spectral_forms", "templates": len(temps), "four_ms": four, "three_ms": three})
+    finally:
+        spectral.THREE_PRODUCTS_MIN = kept
 
 
 def picked(temps: list[torch.Tensor], C: int, h: int, w: int, n: int) -> str:
@@ -367,6 +406,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", help="also write one JSON line per measurement here")
     ap.add_argument("--skip-cpu", action="store_true")
+    ap.add_argument("--forms", action="store_true",
+                    help="CPU only: the spectral method's channel sums in four products against three")
     ap.add_argument("--tune", action="store_true", help="GPU only: time the scan kernel's launch settings")
     ap.add_argument("--parts", action="store_true", help="GPU only: where the scan kernel's time goes")
     ap.add_argument("--variants", type=int, default=len(PART_VARIANTS), help="--parts: the first N launch settings")
@@ -379,6 +420,9 @@ def main() -> None:
             out.write(json.dumps(record) + "\n")
             out.flush()
 
+    if a.forms:
+        spectral_forms(min(a.frames, 32), max(a.repeat, 7), log)
+        return
     if not a.skip_cpu:
         bench_cpu(a.frames, a.repeat, log)
     if torch.cuda.is_available():

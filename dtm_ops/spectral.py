@@ -48,7 +48,8 @@ from dataclasses import dataclass
 import torch
 
 #: Template spectra kept for template lists seen recently (a scan passes the same list
-#: with every batch); each holds ``P*(Q//2+1) * C * 2T`` floats (:func:`spectra_bytes`).
+#: with every batch); each holds ``P*(Q//2+1) * C * 2T`` floats, ``3T`` in the three-product
+#: form (:func:`spectra_bytes`).
 SPECTRA_CACHE = 2
 #: On the CPU, frames per pass at most: larger passes ran slower on the 2-core machine (for
 #: 32 and 64 frames of 112x30x40, 0.3-0.9x of 16 over four template sets, 8 and 4 also
@@ -58,6 +59,11 @@ CPU_CHUNK_FRAMES = 16
 #: explicit ``method="fft"`` is not bound by it): hundreds of templates at 1024 channels
 #: would otherwise fill a small GPU's memory just to be timed.
 SPECTRA_MAX_BYTES = 2 << 30
+#: From this many templates on, fp32 channel sums take three real products per frequency
+#: instead of four (:func:`channel_sums`). On the 2-core CPU, side by side on 32 frames of
+#: 112x30x40 (``bench_matcher.py --forms``), three took 0.90-0.94x of four's time from 36
+#: templates on and 0.71x for 288, but 1.04-1.13x for 9 and 16.
+THREE_PRODUCTS_MIN = 32
 _spectra: OrderedDict[tuple, tuple[list[weakref.ref], tuple[int, ...], torch.Tensor, int]] = OrderedDict()
 _tokens = itertools.count()
 
@@ -171,9 +177,19 @@ def plan(
                 ih.to(device, torch.float32), iw.to(device, torch.float32))
 
 
+def three_products(templates: int, p: Plan) -> bool:
+    """Whether :func:`channel_sums` takes three real products (Gauss) for this many
+    templates: in fp32, from :data:`THREE_PRODUCTS_MIN` on. In fp16 on CUDA the method is
+    bound by memory, and the extra pass over the frame spectra (``a + b``) would cost more
+    than the products it saves."""
+    return p.dw.dtype == torch.float32 and templates >= THREE_PRODUCTS_MIN
+
+
 def template_spectra(templates: Sequence[torch.Tensor], p: Plan) -> torch.Tensor:
-    """``Tensor[K, C, 2T]``: the conjugate spectra of the templates, ``[real | imaginary]``,
-    computed in fp32 and stored in the plan's forward dtype.
+    """The conjugate spectra ``c + id`` of the templates, as :func:`channel_sums` takes
+    them: ``Tensor[K, C, 2T]``, ``[c | d]``, or where :func:`three_products`,
+    ``Tensor[3, K, C, T]``, ``(c, d - c, c + d)``. Computed in fp32, stored in the plan's
+    forward dtype.
 
     Args:
         templates (list of Tensor[C, h_t, w_t]): unit-norm per cell.
@@ -191,7 +207,11 @@ def template_spectra(templates: Sequence[torch.Tensor], p: Plan) -> torch.Tensor
         spec = torch.fft.rfft2(pad.roll((-(h // 2), -(w // 2)), (1, 2))).conj().permute(1, 2, 0)  # [P, Qh, C]
         out[:, :, :, k] = spec.real
         out[:, :, :, T + k] = spec.imag
-    return out.view(p.frequencies, c, 2 * T).to(p.dw.dtype)
+    out = out.view(p.frequencies, c, 2 * T)
+    if three_products(T, p):
+        re, im = out.split(T, dim=2)
+        out = torch.stack([re, im - re, re + im])
+    return out.to(p.dw.dtype)
 
 
 def cached_spectra(templates: Sequence[torch.Tensor], p: Plan) -> torch.Tensor:
@@ -202,7 +222,8 @@ def cached_spectra(templates: Sequence[torch.Tensor], p: Plan) -> torch.Tensor:
     version counters). The cache refers to them weakly: when one is freed its entry goes,
     so a finished scan leaves no spectra in (GPU) memory, and a new tensor at a freed
     one's address is never taken for it."""
-    key = (tuple(id(t) for t in templates), p.grid, p.P, p.Q, templates[0].device, p.dw.dtype)
+    key = (tuple(id(t) for t in templates), p.grid, p.P, p.Q, templates[0].device, p.dw.dtype,
+           three_products(len(templates), p))
     versions = tuple(t._version for t in templates)
     hit = _spectra.get(key)
     if hit is not None and all(r() is t for r, t in zip(hit[0], templates)) and hit[1] == versions:
@@ -227,9 +248,10 @@ def _forget(key: tuple, token: int) -> None:
 
 def spectra_bytes(grid: tuple[int, int], channels: int, sizes: Sequence[tuple[int, int]]) -> int:
     """Bytes of the template spectra (:func:`template_spectra`) for these template sizes,
-    at most (in fp32; half that in fp16), and of their fp32 computation."""
+    at most: in fp32 in the three-product form (the four-product form takes 2/3 of it, and
+    fp16 half)."""
     P, Q = padded(grid, sizes)
-    return 4 * P * (Q // 2 + 1) * channels * 2 * len(sizes)
+    return 4 * P * (Q // 2 + 1) * channels * 3 * len(sizes)
 
 
 def frame_spectra(features: torch.Tensor, p: Plan) -> torch.Tensor:
@@ -251,16 +273,29 @@ def channel_sums(x: torch.Tensor, spectra: torch.Tensor) -> torch.Tensor:
     """Per frequency, the sum over channels of frame spectrum times template spectrum.
 
     Args:
-        x (Tensor[n, 2, K, C]): :func:`frame_spectra`.
-        spectra (Tensor[K, C, 2T]): :func:`template_spectra`, of ``x``'s dtype.
+        x (Tensor[n, 2, K, C]): :func:`frame_spectra`, ``a + ib``.
+        spectra (Tensor[K, C, 2T] or Tensor[3, K, C, T]): :func:`template_spectra` of
+            ``c + id``, of ``x``'s dtype.
 
     Returns:
         Tensor[K, n, 2, T] float32: real and imaginary parts.
+
+    Four real products, ``a [c | d]`` and ``b [c | d]``; or, with the three-product
+    operands, three (Gauss): ``k1 = (a + b) c``, ``k2 = a (d - c)``, ``k3 = b (c + d)``, real
+    part ``k1 - k3``, imaginary ``k1 + k2``, for a pass over the frame spectra more.
     """
-    T = spectra.shape[2] // 2
-    u = _bmm_float32(x[:, 0].transpose(0, 1), spectra)  # [K, n, 2T]: (re*re | re*im)
-    v = _bmm_float32(x[:, 1].transpose(0, 1), spectra)  # (im*re | im*im)
-    y = torch.empty(u.shape[0], u.shape[1], 2, T, device=u.device)
+    a = x[:, 0].transpose(0, 1)  # [K, n, C]
+    b = x[:, 1].transpose(0, 1)
+    K, n = a.shape[:2]
+    T = spectra.shape[3] if spectra.ndim == 4 else spectra.shape[2] // 2
+    y = torch.empty(K, n, 2, T, device=x.device)
+    if spectra.ndim == 4:
+        k1 = _bmm_float32((x[:, 0] + x[:, 1]).transpose(0, 1), spectra[0])  # [K, n, T]
+        torch.sub(k1, _bmm_float32(b, spectra[2]), out=y[:, :, 0])
+        torch.add(k1, _bmm_float32(a, spectra[1]), out=y[:, :, 1])
+        return y
+    u = _bmm_float32(a, spectra)  # [K, n, 2T]: (ac | ad)
+    v = _bmm_float32(b, spectra)  # (bc | bd)
     torch.sub(u[:, :, :T], v[:, :, T:], out=y[:, :, 0])
     torch.add(u[:, :, T:], v[:, :, :T], out=y[:, :, 1])
     return y
@@ -314,17 +349,18 @@ def sums(features: torch.Tensor, templates: Sequence[torch.Tensor], p: Plan | No
 
 def frame_bytes(p: Plan, channels: int, templates: int) -> int:
     """Bytes of the intermediates per frame, for chunking a batch: the forward transforms'
-    in their dtype, the rest in fp32."""
+    in their dtype (and ``a + b`` of three products), the rest in fp32."""
     H, _ = p.grid
     T = templates
-    forward = 2 * channels * H * 2 * p.qh + 2 * p.frequencies * channels
-    rest = (3 * p.frequencies * 2 * T + 2 * p.hout * p.qh * 2 * T + p.hout * T * 2 * p.qh
+    forward = 2 * channels * H * 2 * p.qh + 3 * p.frequencies * channels
+    rest = (6 * p.frequencies * T + 2 * p.hout * p.qh * 2 * T + p.hout * T * 2 * p.qh
             + 2 * p.hout * T * p.wout)
     return forward * p.dw.element_size() + 4 * rest
 
 
 def estimated_macs(grid: tuple[int, int], channels: int, sizes: Sequence[tuple[int, int]]) -> int:
-    """Multiply-adds per frame of this method: transforms, products, inverse transforms."""
+    """Multiply-adds per frame of this method: transforms, products (four real ones per
+    frequency; fewer in the three-product form), inverse transforms."""
     H, W = grid
     P, Q = padded(grid, sizes)
     qh, T = Q // 2 + 1, len(sizes)

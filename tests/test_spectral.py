@@ -55,9 +55,12 @@ def test_transforms_equal_torch_fft(grid, sizes):
     torch.testing.assert_close(got.permute(1, 2, 0, 3), want[:, :, : p.hout, : p.wout], atol=1e-4, rtol=1e-5)
 
 
-def test_sums_are_the_maps_of_the_reference_loop_times_cells():
+@pytest.mark.parametrize("three_min", [spectral.THREE_PRODUCTS_MIN, 1], ids=["four-products", "three-products"])
+def test_sums_are_the_maps_of_the_reference_loop_times_cells(monkeypatch, three_min):
     """Every position of every map, not only the best: the sums over cells (before the
-    border rule) divided by ``h*w`` are the loop's scores wherever the rule allows one."""
+    border rule) divided by ``h*w`` are the loop's scores wherever the rule allows one;
+    with either form of the channel sums."""
+    monkeypatch.setattr(spectral, "THREE_PRODUCTS_MIN", three_min)
     rng = np.random.default_rng(7)
     C, H, W = 6, 7, 9
     valid = [(7, 9), (4, 5)]
@@ -74,10 +77,13 @@ def test_sums_are_the_maps_of_the_reference_loop_times_cells():
             np.testing.assert_allclose(got[fin], want[fin], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("three_min", [spectral.THREE_PRODUCTS_MIN, 1], ids=["four-products", "three-products"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
-def test_best_matches_by_fft_equal_the_direct_methods(dtype, tol):
+def test_best_matches_by_fft_equal_the_direct_methods(monkeypatch, dtype, tol, three_min):
     """Many templates of several sizes (the method's case) on frames with padding; the same
-    best positions as the direct method, scores within the dtype's tolerance."""
+    best positions as the direct method, scores within the dtype's tolerance; with either
+    form of the channel sums."""
+    monkeypatch.setattr(spectral, "THREE_PRODUCTS_MIN", three_min)
     torch.manual_seed(3)
     H, W = 12, 16
     valid = torch.tensor([[12, 16], [8, 11], [12, 5], [2, 16]])
@@ -134,6 +140,7 @@ def test_fp16_transforms_find_the_fp32_positions_within_fp16_tolerance():
     assert spectral.transform_dtype(x) == torch.float32  # fp16 transforms on CUDA only
     p = spectral.plan_for(x, temps, torch.float16)
     assert spectral.frame_spectra(x, p).dtype == spectral.cached_spectra(temps, p).dtype == torch.float16
+    assert not spectral.three_products(1000, p) and spectral.three_products(1000, spectral.plan_for(x, temps))
     got = spectral.best_matches(x, temps, valid, 1 << 30, torch.float16)
     _assert_same_best(got, x, temps, valid, atol=3e-4)
 
@@ -223,7 +230,8 @@ def test_auto_does_not_weigh_the_spectral_method_beyond_its_memory_bound(monkeyp
     many = [torch.nn.functional.normalize(torch.randn(32, 9, 12), dim=0) for _ in range(16)]
     need = spectral.spectra_bytes((10, 14), 32, spectral.sizes_of(many))
     p = spectral.plan((10, 14), spectral.sizes_of(many), x.device)
-    assert need == spectral.template_spectra(many, p).numel() * 4
+    assert need == spectral.template_spectra(many, p).numel() * 4 * 3 // 2  # four products: 2/3 of the bound
+    assert spectral.template_spectra(many * 4, p).numel() * 4 == spectral.spectra_bytes((10, 14), 32, [(9, 12)] * 64)
     monkeypatch.setattr(spectral, "SPECTRA_MAX_BYTES", need - 1)
     best_matches(x, many)
     assert not [k for k in matching._picked if k[0] == "best-set"]
