@@ -15,6 +15,7 @@ from typing import Literal
 
 import torch
 
+from dtm_ops.allocator import retain_freed_memory
 from dtm_ops.boxes import Box, validate_box
 from dtm_ops.calibration import calibrate
 from dtm_ops.centering import center, mean_cell
@@ -307,6 +308,8 @@ class Searcher:
         """Top-k per query over ``shards`` (default: all): what a mapped scan task computes."""
         from tqdm import tqdm
 
+        if self.device.type != "cuda":
+            retain_freed_memory()  # batch after batch the same large tensors: keep their pages
         templates = [t for p in prepared for t in p.templates]
         lake_mean = prepared[0].lake_mean if prepared else None
         tfeats = [t.features.to(self.device, self._dtype()) for t in templates]

@@ -147,20 +147,28 @@ class FeatureStore:
         ``pin_memory`` the buffer is page-locked to begin with. With a ``pool``, a ranged
         store's GETs join its queue now, so shards started in order are fetched in order;
         otherwise the read runs in the returned call.
+
+        A pageable buffer is made on the calling thread: glibc gives a worker thread's
+        allocations larger than its arena's heaps (64 MiB) fresh mappings whatever its
+        thresholds, while the main heap can hand a freed shard's pages to the next
+        (:mod:`dtm_ops.allocator`).
         """
         key = SHARDS + entry.name
         read = self.objects.read_into
-        if pool is not None and self.objects.ranged_reads:
+        alloc: Future | None = None
+        if pool is not None and pin_memory:  # page-locking a large buffer takes a while: on a worker, first
+            alloc = pool.submit(torch.empty, entry.bytes, dtype=torch.uint8, pin_memory=True)
+        elif pool is not None:
+            alloc = Future()
+            alloc.set_result(torch.empty(entry.bytes, dtype=torch.uint8))
+        parts: list[Future] = []
+        if alloc is not None and self.objects.ranged_reads:
             part = part_bytes(entry.bytes, self.workers)
-            # page-locking a large buffer takes a while: on a worker, first in the queue
-            alloc = pool.submit(torch.empty, entry.bytes, dtype=torch.uint8, pin_memory=pin_memory)
 
             def read_part(o: int) -> None:
                 read(key, memoryview(alloc.result().numpy())[o : o + part], o)
 
             parts = [pool.submit(read_part, o) for o in range(0, entry.bytes, part)]
-        else:
-            alloc, parts = None, []
 
         def wait() -> torch.Tensor:
             try:
@@ -168,6 +176,8 @@ class FeatureStore:
                     buf = torch.empty(entry.bytes, dtype=torch.uint8, pin_memory=pin_memory)
                     read(key, memoryview(buf.numpy()))
                     return buf
+                if not self.objects.ranged_reads:  # one read, here (a decode worker)
+                    read(key, memoryview(alloc.result().numpy()))
                 for done in parts:
                     done.result()
                 return alloc.result()
