@@ -41,7 +41,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from dtm_ops import matching
+from dtm_ops import allocator, matching
 from dtm_ops.fingerprint import Fingerprint
 from dtm_ops.search import PreparedQuery, Query, Searcher
 from dtm_ops.store import FeatureStore
@@ -191,6 +191,9 @@ def main() -> None:
     ap.add_argument("--server-cpus", type=int, nargs="+", default=[],
                     help="with --s3: pin the S3 server to these CPUs and this process to the others, as a server "
                          "on other machines would be (default: both share every CPU)")
+    ap.add_argument("--retain-ab", action="store_true",
+                    help="measure everything twice: freed memory returned to the kernel (DTM_RETAIN_FREED_MB=0), "
+                         "then kept (dtm_ops.allocator), and compare")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--json", help="also write one JSON line per measurement here")
     a = ap.parse_args()
@@ -225,56 +228,79 @@ def main() -> None:
             with ThreadPoolExecutor(store.workers) as pool:
                 list(pool.map(lambda s: len(objects.get(SHARDS + s.name)), shards))
 
-        t_seq = best_of(raw_sequential, a.repeat)
-        t_par = best_of(raw_parallel, a.repeat)
-        t_ranged = best_of(lambda: raw_ranged(store, shards), a.repeat)
-        t_raw = min(t_seq, t_par, t_ranged)
-        busy = busy_during(raw_parallel)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-        print(f"\n{'S3 server' if a.s3 else 'local folder'}: {len(shards)} shards, {total / 1e6:.0f} MB, "
-              f"{a.frames} frames of {a.channels}x{a.grid[0]}x{a.grid[1]} fp16; matcher on {name}")
-        print(f"  raw read, sequential GETs      : {total / 1e6 / t_seq:8.0f} MB/s {a.frames / t_seq:9.0f} frames/s")
-        print(f"  raw read, {store.workers} GETs in flight     : {total / 1e6 / t_par:8.0f} MB/s {a.frames / t_par:9.0f} frames/s"
-              f"  ({busy:.0%} of the machine's {os.cpu_count()} cores busy)")
-        print(f"  raw read, the reader's GETs    : {total / 1e6 / t_ranged:8.0f} MB/s "
-              f"{a.frames / t_ranged:9.0f} frames/s")
-        cuda = device.type == "cuda"
-        t_reader = best_of(lambda: [None for _ in store.iter_shards(shards, pin_memory=cuda)], a.repeat)
-        print(f"  reader (GET, CRC, decode{', pinned' if cuda else ''}) : {total / 1e6 / t_reader:8.0f} MB/s "
-              f"{a.frames / t_reader:9.0f} frames/s")
         log = open(a.json, "a") if a.json else None
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         # Searcher.scan needs only the extractor's device and stride: the templates are made here.
         searchers = {bf: Searcher(SimpleNamespace(device=device, stride=16), top_k=20, batch_frames=bf or None,
                                   cuda_graphs=a.cuda_graphs) for bf in a.batch_frames}
-        sample = next(store.iter_shards(shards[:1]))[1]
-        for case, (bf, searcher) in ((c, s) for c in a.cases for s in searchers.items()):
-            nq, ns = map(int, case.split("x"))
-            prepared = queries(nq, ns, a.channels, a.center)
-            searcher.scan(store, prepared, shards[:1])  # warm-up: the matcher's method pick
-            t_scan = best_of(lambda: searcher.scan(store, prepared, shards), a.repeat)
-            t_match = matcher_alone(store, shards, prepared, searcher, searcher.frames_per_step(sample))
-            label = f"{nq} quer{'y' if nq == 1 else 'ies'} x {ns} scale{'s' if ns > 1 else ''}"
-            if len(searchers) > 1:
-                label += f", {searcher.frames_per_step(sample)}{'' if bf else ' (default)'} a step"
-            w = 31 if len(searchers) == 1 else 58
-            pick = sorted(matching.set_picks([t.features for p in prepared for t in p.templates]))
-            print(f"  {'matcher alone, ' + label:<{w}}: {total / 1e6 / t_match:8.0f} MB/s {a.frames / t_match:9.0f} frames/s"
-                  + (f"  (auto for the whole set: {', '.join(pick)})" if pick else ""))
-            print(f"  {'scan, ' + label:<{w}}: {total / 1e6 / t_scan:8.0f} MB/s {a.frames / t_scan:9.0f} frames/s  "
-                  f"scan / raw read = {t_raw / t_scan:.2f}")
-            if not cuda and case == a.cases[0] and bf == a.batch_frames[0]:  # before the reused buffer
-                t_fresh = best_of(lambda: fresh_copies(lambda: searcher.scan(store, prepared, shards)), a.repeat)
-                print(f"  {'same, a fresh float32 copy':<{w}}: {total / 1e6 / t_fresh:8.0f} MB/s "
-                      f"{a.frames / t_fresh:9.0f} frames/s  scan / this = {t_fresh / t_scan:.2f}")
-            if log:
-                log.write(json.dumps({"kind": "scan", "store": "s3" if a.s3 else "local", "device": name,
-                                      "queries": nq, "scales": ns, "center": a.center, "frames": a.frames,
-                                      "frames_per_step": searcher.frames_per_step(sample),
-                                      "bytes": total, "raw_seq_s": t_seq, "raw_par_s": t_par, "raw_ranged_s": t_ranged,
-                                      "server_cpus": a.server_cpus, "reader_s": t_reader,
-                                      "raw_busy": busy, "matcher_s": t_match, "scan_s": t_scan,
-                                      "ratio": t_raw / t_scan, "set_pick": pick}) + "\n")
+
+        def measure(retain: str) -> dict:
+            """Every measurement once, freed memory kept as ``DTM_RETAIN_FREED_MB=retain`` says
+            (a scan asks for it; so that the reads compare alike, it is asked for here first)."""
+            os.environ[allocator.ENV] = retain
+            kept = allocator.retain_freed_memory()
+            fps = {}
+            t_seq = best_of(raw_sequential, a.repeat)
+            t_par = best_of(raw_parallel, a.repeat)
+            t_ranged = best_of(lambda: raw_ranged(store, shards), a.repeat)
+            t_raw = min(t_seq, t_par, t_ranged)
+            busy = busy_during(raw_parallel)
+            name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+            memory = f"freed memory kept ({kept >> 20} MiB)" if kept else "freed memory returned (glibc's default)"
+            print(f"\n{'S3 server' if a.s3 else 'local folder'}: {len(shards)} shards, {total / 1e6:.0f} MB, "
+                  f"{a.frames} frames of {a.channels}x{a.grid[0]}x{a.grid[1]} fp16; matcher on {name}; {memory}")
+            print(f"  raw read, sequential GETs      : {total / 1e6 / t_seq:8.0f} MB/s "
+                  f"{a.frames / t_seq:9.0f} frames/s")
+            print(f"  raw read, {store.workers} GETs in flight     : {total / 1e6 / t_par:8.0f} MB/s "
+                  f"{a.frames / t_par:9.0f} frames/s  ({busy:.0%} of the machine's {os.cpu_count()} cores busy)")
+            print(f"  raw read, the reader's GETs    : {total / 1e6 / t_ranged:8.0f} MB/s "
+                  f"{a.frames / t_ranged:9.0f} frames/s")
+            cuda = device.type == "cuda"
+            t_reader = best_of(lambda: [None for _ in store.iter_shards(shards, pin_memory=cuda)], a.repeat)
+            print(f"  reader (GET, CRC, decode{', pinned' if cuda else ''}) : {total / 1e6 / t_reader:8.0f} MB/s "
+                  f"{a.frames / t_reader:9.0f} frames/s")
+            fps["raw read (the fastest)"], fps["reader"] = a.frames / t_raw, a.frames / t_reader
+            sample = next(store.iter_shards(shards[:1]))[1]
+            for case, (bf, searcher) in ((c, s) for c in a.cases for s in searchers.items()):
+                nq, ns = map(int, case.split("x"))
+                prepared = queries(nq, ns, a.channels, a.center)
+                searcher.scan(store, prepared, shards[:1])  # warm-up: the matcher's method pick
+                t_scan = best_of(lambda: searcher.scan(store, prepared, shards), a.repeat)
+                t_match = matcher_alone(store, shards, prepared, searcher, searcher.frames_per_step(sample))
+                label = f"{nq} quer{'y' if nq == 1 else 'ies'} x {ns} scale{'s' if ns > 1 else ''}"
+                if len(searchers) > 1:
+                    label += f", {searcher.frames_per_step(sample)}{'' if bf else ' (default)'} a step"
+                w = 31 if len(searchers) == 1 else 58
+                pick = sorted(matching.set_picks([t.features for p in prepared for t in p.templates]))
+                whole = f"  (auto for the whole set: {', '.join(pick)})" if pick else ""
+                print(f"  {'matcher alone, ' + label:<{w}}: {total / 1e6 / t_match:8.0f} MB/s "
+                      f"{a.frames / t_match:9.0f} frames/s{whole}")
+                fps["matcher alone, " + label], fps["scan, " + label] = a.frames / t_match, a.frames / t_scan
+                print(f"  {'scan, ' + label:<{w}}: {total / 1e6 / t_scan:8.0f} MB/s {a.frames / t_scan:9.0f} frames/s  "
+                      f"scan / raw read = {t_raw / t_scan:.2f}")
+                if not cuda and case == a.cases[0] and bf == a.batch_frames[0]:  # before the reused buffer
+                    t_fresh = best_of(lambda: fresh_copies(lambda: searcher.scan(store, prepared, shards)), a.repeat)
+                    print(f"  {'same, a fresh float32 copy':<{w}}: {total / 1e6 / t_fresh:8.0f} MB/s "
+                          f"{a.frames / t_fresh:9.0f} frames/s  scan / this = {t_fresh / t_scan:.2f}")
+                if log:
+                    log.write(json.dumps({"kind": "scan", "store": "s3" if a.s3 else "local", "device": name,
+                                          "queries": nq, "scales": ns, "center": a.center, "frames": a.frames,
+                                          "frames_per_step": searcher.frames_per_step(sample),
+                                          "bytes": total, "raw_seq_s": t_seq, "raw_par_s": t_par,
+                                          "raw_ranged_s": t_ranged, "server_cpus": a.server_cpus,
+                                          "retain_mb": kept >> 20, "reader_s": t_reader,
+                                          "raw_busy": busy, "matcher_s": t_match, "scan_s": t_scan,
+                                          "ratio": t_raw / t_scan, "set_pick": pick}) + "\n")
+            return fps
+
+        if a.retain_ab:
+            off = measure("0")
+            on = measure(str(allocator.DEFAULT_MB))
+            print(f"\nfreed memory kept ({allocator.DEFAULT_MB} MiB, after the run without), frames/s:")
+            for key in off:
+                print(f"  {key:<40}: {off[key]:9.0f} without, {on[key]:9.0f} with  ({on[key] / off[key]:.2f}x)")
+        else:
+            measure(os.environ.get(allocator.ENV, str(allocator.DEFAULT_MB)))
         if device.type == "cuda":  # the GPU scan (fp16, pinned copies) finds what the CPU scan (fp32) finds
             prepared = queries(1, 9, a.channels)
             gpu = searchers[a.batch_frames[0]].scan(store, prepared, shards[:2])["q0"].items()
