@@ -225,7 +225,7 @@ def bench_gpu(repeat: int, log, channels=(128, 256, 1024)) -> None:
                 t_c = timeit(lambda: batched_conv(feats, temps), repeat, sync)
                 t_s = timeit(lambda: engine(feats, temps, "shift"), repeat, sync)
                 # the spectral method alone, timed wherever the engine weighs it
-                spectral_tried = spectral.weighed(torch.float16, GPU_GRID, C, [(h, w)] * Q)
+                spectral_tried = spectral.weighed(torch.float16, GPU_GRID, C, [(h, w)] * Q, "cuda")
                 t_f = timeit(lambda: engine(feats, temps, "fft"), repeat, sync) if spectral_tried else None
                 t_es = timeit(streamed(lambda: engine(feats, temps)), repeat, sync) / STREAM
                 t_cs = timeit(streamed(lambda: batched_conv(feats, temps)), repeat, sync) / STREAM

@@ -322,7 +322,7 @@ def best_matches(
     sizes = spectral.sizes_of(templates)
     if method == "fft":
         return spectral.best_matches(features, templates, valid, max_bytes)
-    if not spectral.weighed(features.dtype, (H, W), c, sizes):
+    if not spectral.weighed(features.dtype, (H, W), c, sizes, features.device.type):
         return _best_by_groups(features, templates, valid, max_bytes, method)
     candidates = {
         "groups": lambda f, v: _best_by_groups(f, templates, v, max_bytes, "auto"),

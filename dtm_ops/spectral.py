@@ -48,8 +48,8 @@ from dataclasses import dataclass
 import torch
 
 #: Template spectra kept for template lists seen recently (a scan passes the same list
-#: with every batch); each holds ``P*(Q//2+1) * C * 2T`` floats, ``3T`` in the three-product
-#: form (:func:`spectra_bytes`).
+#: with every batch); each holds ``P*(Q//2+1) * C * 2T`` numbers, ``3T`` in the
+#: three-product form (:func:`spectra_bytes`).
 SPECTRA_CACHE = 2
 #: On the CPU, frames per pass at most: larger passes ran slower on the 2-core machine (for
 #: 32 and 64 frames of 112x30x40, 0.3-0.9x of 16 over four template sets, 8 and 4 also
@@ -61,8 +61,9 @@ CPU_CHUNK_FRAMES = 16
 SPECTRA_MAX_BYTES = 2 << 30
 #: From this many templates on, fp32 channel sums take three real products per frequency
 #: instead of four (:func:`channel_sums`). On the 2-core CPU, side by side on 32 frames of
-#: 112x30x40 (``bench_matcher.py --forms``), three took 0.90-0.94x of four's time from 36
-#: templates on and 0.71x for 288, but 1.04-1.13x for 9 and 16.
+#: 112x30x40 (``bench_matcher.py --forms``, ``matcher-cpu-spectral-forms.txt``), three took
+#: 0.88-0.97x of four's time for 36-144 templates and 0.70x for 288, but 1.08-1.13x for 9
+#: and 16.
 THREE_PRODUCTS_MIN = 32
 _spectra: OrderedDict[tuple, tuple[list[weakref.ref], tuple[int, ...], torch.Tensor, int]] = OrderedDict()
 _tokens = itertools.count()
@@ -138,7 +139,11 @@ def padded(grid: tuple[int, int], sizes: Sequence[tuple[int, int]]) -> tuple[int
 def transform_dtype(features: torch.Tensor) -> torch.dtype:
     """The forward transforms' dtype for these features: float16 for fp16 features on CUDA
     (tensor cores), else float32. The products and the inverse are float32 always."""
-    return torch.float16 if features.dtype == torch.float16 and features.is_cuda else torch.float32
+    return _transform_dtype(features.dtype, features.device.type)
+
+
+def _transform_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
+    return torch.float16 if dtype == torch.float16 and device_type == "cuda" else torch.float32
 
 
 def plan_for(features: torch.Tensor, templates: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> Plan:
@@ -177,12 +182,13 @@ def plan(
                 ih.to(device, torch.float32), iw.to(device, torch.float32))
 
 
-def three_products(templates: int, p: Plan) -> bool:
+def three_products(templates: int, dtype: torch.dtype) -> bool:
     """Whether :func:`channel_sums` takes three real products (Gauss) for this many
-    templates: in fp32, from :data:`THREE_PRODUCTS_MIN` on. In fp16 on CUDA the method is
-    bound by memory, and the extra pass over the frame spectra (``a + b``) would cost more
-    than the products it saves."""
-    return p.dw.dtype == torch.float32 and templates >= THREE_PRODUCTS_MIN
+    templates with spectra in ``dtype`` (a plan's forward dtype): in fp32, from
+    :data:`THREE_PRODUCTS_MIN` on. In fp16 on CUDA the method is bound by memory, and the
+    extra pass over the frame spectra (``a + b``) would cost more than the products it
+    saves."""
+    return dtype == torch.float32 and templates >= THREE_PRODUCTS_MIN
 
 
 def template_spectra(templates: Sequence[torch.Tensor], p: Plan) -> torch.Tensor:
@@ -208,7 +214,7 @@ def template_spectra(templates: Sequence[torch.Tensor], p: Plan) -> torch.Tensor
         out[:, :, :, k] = spec.real
         out[:, :, :, T + k] = spec.imag
     out = out.view(p.frequencies, c, 2 * T)
-    if three_products(T, p):
+    if three_products(T, p.dw.dtype):
         re, im = out.split(T, dim=2)
         out = torch.stack([re, im - re, re + im])
     return out.to(p.dw.dtype)
@@ -223,7 +229,7 @@ def cached_spectra(templates: Sequence[torch.Tensor], p: Plan) -> torch.Tensor:
     so a finished scan leaves no spectra in (GPU) memory, and a new tensor at a freed
     one's address is never taken for it."""
     key = (tuple(id(t) for t in templates), p.grid, p.P, p.Q, templates[0].device, p.dw.dtype,
-           three_products(len(templates), p))
+           three_products(len(templates), p.dw.dtype))
     versions = tuple(t._version for t in templates)
     hit = _spectra.get(key)
     if hit is not None and all(r() is t for r, t in zip(hit[0], templates)) and hit[1] == versions:
@@ -246,12 +252,16 @@ def _forget(key: tuple, token: int) -> None:
         del _spectra[key]
 
 
-def spectra_bytes(grid: tuple[int, int], channels: int, sizes: Sequence[tuple[int, int]]) -> int:
+def spectra_bytes(
+    grid: tuple[int, int], channels: int, sizes: Sequence[tuple[int, int]], dtype: torch.dtype = torch.float32
+) -> int:
     """Bytes of the template spectra (:func:`template_spectra`) for these template sizes,
-    at most: in fp32 in the three-product form (the four-product form takes 2/3 of it, and
-    fp16 half)."""
+    kept in ``dtype`` (the forward transforms' dtype, :func:`transform_dtype`): ``2T``
+    columns, ``3T`` in the three-product form (:func:`three_products`)."""
     P, Q = padded(grid, sizes)
-    return 4 * P * (Q // 2 + 1) * channels * 3 * len(sizes)
+    T = len(sizes)
+    columns = 3 * T if three_products(T, dtype) else 2 * T
+    return P * (Q // 2 + 1) * channels * columns * torch.finfo(dtype).bits // 8
 
 
 def frame_spectra(features: torch.Tensor, p: Plan) -> torch.Tensor:
@@ -369,14 +379,18 @@ def estimated_macs(grid: tuple[int, int], channels: int, sizes: Sequence[tuple[i
             + 2 * hout * P * qh * 2 * T + hout * T * 2 * qh * wout)
 
 
-def weighed(dtype: torch.dtype, grid: tuple[int, int], channels: int, sizes: Sequence[tuple[int, int]]) -> bool:
+def weighed(
+    dtype: torch.dtype, grid: tuple[int, int], channels: int, sizes: Sequence[tuple[int, int]], device_type: str
+) -> bool:
     """Whether ``auto`` (:func:`dtm_ops.matching.best_matches`) times this method for a set
-    of templates: its multiply-adds are fewer than the direct methods', the spectra fit in
-    :data:`SPECTRA_MAX_BYTES`, and the features are not float64 (it computes in fp32; a
-    caller passing float64 asked for more)."""
+    of templates, features of ``dtype`` on a ``device_type`` device: its multiply-adds are
+    fewer than the direct methods', the spectra fit in :data:`SPECTRA_MAX_BYTES`, and the
+    features are not float64 (it computes in fp32; a caller passing float64 asked for
+    more)."""
+    kept = _transform_dtype(dtype, device_type)
     return (dtype != torch.float64
             and estimated_macs(grid, channels, sizes) < direct_macs(grid, channels, sizes)
-            and spectra_bytes(grid, channels, sizes) <= SPECTRA_MAX_BYTES)
+            and spectra_bytes(grid, channels, sizes, kept) <= SPECTRA_MAX_BYTES)
 
 
 def direct_macs(grid: tuple[int, int], channels: int, sizes: Sequence[tuple[int, int]]) -> int:

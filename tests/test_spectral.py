@@ -140,7 +140,7 @@ def test_fp16_transforms_find_the_fp32_positions_within_fp16_tolerance():
     assert spectral.transform_dtype(x) == torch.float32  # fp16 transforms on CUDA only
     p = spectral.plan_for(x, temps, torch.float16)
     assert spectral.frame_spectra(x, p).dtype == spectral.cached_spectra(temps, p).dtype == torch.float16
-    assert not spectral.three_products(1000, p) and spectral.three_products(1000, spectral.plan_for(x, temps))
+    assert not spectral.three_products(1000, p.dw.dtype) and spectral.three_products(1000, torch.float32)
     got = spectral.best_matches(x, temps, valid, 1 << 30, torch.float16)
     _assert_same_best(got, x, temps, valid, atol=3e-4)
 
@@ -230,8 +230,9 @@ def test_auto_does_not_weigh_the_spectral_method_beyond_its_memory_bound(monkeyp
     many = [torch.nn.functional.normalize(torch.randn(32, 9, 12), dim=0) for _ in range(16)]
     need = spectral.spectra_bytes((10, 14), 32, spectral.sizes_of(many))
     p = spectral.plan((10, 14), spectral.sizes_of(many), x.device)
-    assert need == spectral.template_spectra(many, p).numel() * 4 * 3 // 2  # four products: 2/3 of the bound
+    assert need == spectral.template_spectra(many, p).numel() * 4
     assert spectral.template_spectra(many * 4, p).numel() * 4 == spectral.spectra_bytes((10, 14), 32, [(9, 12)] * 64)
+    assert spectral.spectra_bytes((10, 14), 32, [(9, 12)] * 64, torch.float16) == need * 4 // 2  # 2T halves
     monkeypatch.setattr(spectral, "SPECTRA_MAX_BYTES", need - 1)
     best_matches(x, many)
     assert not [k for k in matching._picked if k[0] == "best-set"]
