@@ -70,7 +70,7 @@ def test_kept_memory_spares_the_page_faults_of_the_next_large_tensor_and_shard(t
     """In a fresh process: a 68 MB tensor made again and again faults in every page (glibc
     maps it fresh), and after retain_freed_memory, once the heap has grown (a few rounds),
     hardly any. Streaming a local store of 3 shards of 67 MB faults in all their pages on
-    every pass; with freed memory kept, a quarter to a third as many on average over 7
+    every pass; with freed memory kept, a tenth to a third as many on average over 7
     passes (0-3 shards' worth a pass: small allocations split freed buffers, and the heap
     then grows for the next), as their buffers are made on the calling thread,
     whose heap can hand them on (a worker thread's would be mapped fresh whatever the
