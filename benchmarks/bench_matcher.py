@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from dtm_ops import matching, spectral
 from dtm_ops.cudagraphs import GraphCache, capture
 from dtm_ops.matching import best_matches, position_mask
-from timing import best_of
+from timing import best_of, machine
 
 timeit = functools.partial(best_of, warm_up=True)
 
@@ -130,7 +130,7 @@ def bench_cpu(frames: int, repeat: int, log) -> None:
     g = torch.Generator().manual_seed(0)
     feats = unit((frames, CPU_CHANNELS, *CPU_GRID), g, "cpu", torch.float32)
     sync = lambda: None  # noqa: E731
-    print(f"\ncpu float32, {frames} frames of {CPU_CHANNELS}x{CPU_GRID[0]}x{CPU_GRID[1]}, {torch.get_num_threads()} threads")
+    print(f"\n{machine()}: float32, {frames} frames of {CPU_CHANNELS}x{CPU_GRID[0]}x{CPU_GRID[1]}")
     print(f"{'case':<30} {'engine f/s':>11} {'conv2d f/s':>11} {'naive f/s':>10} {'vs conv2d':>10} {'vs naive':>9}")
     for label, sizes in CPU_CASES:
         temps = [unit((CPU_CHANNELS, h, w), g, "cpu", torch.float32) for h, w in sizes]
@@ -162,7 +162,7 @@ def spectral_forms(frames: int, repeat: int, log) -> None:
     scales = CPU_CASES[4][1]
     forms = {"four": 1 << 30, "three": 1}
     kept = spectral.THREE_PRODUCTS_MIN
-    print(f"\nspectral method, cpu float32, {frames} frames of {CPU_CHANNELS}x{CPU_GRID[0]}x{CPU_GRID[1]}; "
+    print(f"\n{machine()}: spectral method, float32, {frames} frames of {CPU_CHANNELS}x{CPU_GRID[0]}x{CPU_GRID[1]}; "
           f"ms per call, best of {repeat} (the forms timed in turn); THREE_PRODUCTS_MIN = {kept}")
     print(f"{'templates':<26} {'four':>8} {'three':>8} {'three/four':>11}")
     cases = [("1 x 9 scales", scales), ("16 of 8x6", [(8, 6)] * 16), ("4 x 9 scales", scales * 4),
@@ -207,7 +207,7 @@ def bench_gpu(repeat: int, log, channels=(128, 256, 1024)) -> None:
     sync = torch.cuda.synchronize
     hbm = hbm_read_gbps(dev)
     print(f"\n{torch.cuda.get_device_name()}, fp16, {GPU_GRID[0]}x{GPU_GRID[1]} grid; HBM read {hbm:.0f} GB/s (measured)")
-    log({"kind": "env", "device": torch.cuda.get_device_name(), "torch": torch.__version__, "hbm_read_GBps": hbm})
+    log({"kind": "env", "device": machine("cuda"), "torch": torch.__version__, "hbm_read_GBps": hbm})
     print(f"one call timed alone; (streamed) {STREAM} calls back to back before one sync; (graphs) the same "
           "through the scan's CUDA-graph cache (dtm_ops.cudagraphs)")
     print(f"{'C':>5} {'tmpl':>6} {'Q':>3} {'N':>4} {'engine f/s':>11} {'GB/s':>6} {'%HBM':>5} {'conv2d f/s':>11} "
@@ -420,6 +420,7 @@ def main() -> None:
             out.write(json.dumps(record) + "\n")
             out.flush()
 
+    log({"kind": "env", "device": machine(), "torch": torch.__version__})
     if a.forms:
         spectral_forms(min(a.frames, 32), max(a.repeat, 7), log)
         return

@@ -48,7 +48,7 @@ from dtm_ops.store import FeatureStore
 from dtm_ops.store.feature_store import SHARDS, part_bytes
 from dtm_ops.store.format import FrameEntry
 from dtm_ops.templates import Template
-from timing import best_of
+from timing import best_of, machine
 
 REPO = Path(__file__).resolve().parents[1]
 SCALES = [(4, 3), (2, 1), (3, 2), (6, 4), (8, 6), (11, 8), (12, 9), (14, 10), (16, 12)]  # one ROI; the first n
@@ -246,7 +246,7 @@ def main() -> None:
             t_ranged = best_of(lambda: raw_ranged(store, shards), a.repeat)
             t_raw = min(t_seq, t_par, t_ranged)
             busy = busy_during(raw_parallel)
-            name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+            name = machine(device)
             memory = f"freed memory kept ({kept >> 20} MiB)" if kept else "freed memory returned (glibc's default)"
             print(f"\n{'S3 server' if a.s3 else 'local folder'}: {len(shards)} shards, {total / 1e6:.0f} MB, "
                   f"{a.frames} frames of {a.channels}x{a.grid[0]}x{a.grid[1]} fp16; matcher on {name}; {memory}")

@@ -1,10 +1,15 @@
-"""The one timing rule of the benchmarks: the best of ``repeat`` runs (this machine is noisy;
-the best run is the one least disturbed by the machine's other work)."""
+"""The benchmarks' shared rules: a time is the best of ``repeat`` runs (this machine is noisy;
+the best run is the one least disturbed by the machine's other work), and every table names
+the machine that gave it (:func:`machine`): the CPUs lent to this project differ from one
+session to the next, and so do their ratios."""
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def best_of(fn: Callable[[], object], repeat: int, sync: Callable[[], None] | None = None, *,
@@ -23,3 +28,34 @@ def best_of(fn: Callable[[], object], repeat: int, sync: Callable[[], None] | No
         sync()
         best = min(best, time.perf_counter() - t)
     return best
+
+
+def cpu_model() -> str:
+    """The CPU as Linux names it, e.g. ``AMD EPYC (family 25, model 17), AVX512``: the vendor's
+    name alone (a virtual machine's may be only ``AMD EPYC``) does not tell generations apart."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+            if not line.strip():
+                break  # the first processor is enough
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    import torch
+
+    return f"{name}, {torch.backends.cpu.get_cpu_capability()}"
+
+
+def machine(device: object = "cpu") -> str:
+    """What gave the numbers, for a table's header and each JSON record: the GPU's name, or
+    the CPU's model with its core count and torch's threads."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()}; {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
