@@ -186,13 +186,12 @@ def spectral_forms(frames: int, repeat: int, log) -> None:
         spectral.THREE_PRODUCTS_MIN = kept
 
 
-def picked(temps: list[torch.Tensor], C: int, h: int, w: int, n: int) -> str:
+def picked(temps: list[torch.Tensor], h: int, w: int, n: int) -> str:
     """The engine's pick for these ``h x w`` templates over ``n`` frames: the spectral
     method where it was weighed for the whole set and won, else the size group's method."""
     if "fft" in matching.set_picks(temps):
         return "fft"
-    Q, bits = len(temps), n.bit_length()
-    return [v for k, v in matching._picked.items() if k[0] == "best" and k[4] == (Q, C, h, w) and k[5] == bits][0]
+    return ", ".join(sorted(matching.group_picks(temps, n)[(h, w)]))
 
 
 def hbm_read_gbps(device) -> float:
@@ -238,7 +237,7 @@ def bench_gpu(repeat: int, log, channels=(128, 256, 1024)) -> None:
                           check(feats[:2], temps, 2e-2, "fft") if spectral_tried else 0.0)
                 fe, fc, fs, fes, fcs, fgs = (frames / t for t in (t_e, t_c, t_s, t_es, t_cs, t_gs))
                 gbps, gbps_s, gbps_g = (f * per_frame / 1e9 for f in (fe, fes, fgs))
-                pick = picked(temps, C, h, w, len(feats))
+                pick = picked(temps, h, w, len(feats))
                 ff = frames / t_f if t_f else None
                 print(f"{C:>5} {h:>2}x{w:<3} {Q:>3} {frames:>4} {fe:>11.0f} {gbps:>6.0f} {100 * gbps / hbm:>4.0f}% "
                       f"{fc:>11.0f} {fe / fc:>8.2f}x {err:>8.1e} {pick:>6} {fs:>10.0f} {fes:>9.0f} {gbps_s:>6.0f} "

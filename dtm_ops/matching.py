@@ -348,6 +348,21 @@ def set_picks(templates: Sequence[torch.Tensor]) -> set[str]:
     return {v for k, v in _picked.items() if k[0] == "best-set" and k[3][0] == c and k[4] == sig}
 
 
+def group_picks(templates: Sequence[torch.Tensor], frames: int | None = None) -> dict[tuple[int, int], set[str]]:
+    """What ``auto`` picked for each size group of these templates (as many templates of
+    that size and channels) in :func:`best_matches`, on any device and grid, for batches of
+    ``frames`` (any, by default): ``{(h, w): {method, ...}}``, for benchmarks to report."""
+    counts: dict[tuple[int, ...], int] = {}
+    for t in templates:
+        counts[tuple(t.shape)] = counts.get(tuple(t.shape), 0) + 1
+    out: dict[tuple[int, int], set[str]] = {}
+    for k, v in _picked.items():
+        m, c, h, w = k[4] if k[0] == "best" else (0, 0, 0, 0)
+        if m and counts.get((c, h, w)) == m and (frames is None or k[5] == frames.bit_length()):
+            out.setdefault((h, w), set()).add(v)
+    return out
+
+
 def _best_by_groups(
     features: torch.Tensor, templates: Sequence[torch.Tensor], valid: torch.Tensor | None, max_bytes: int, method: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -103,6 +105,25 @@ def test_module_equals_function_and_rejects_bad_shapes():
         patchwise_cosine(feats, [torch.randn(7, 2, 2)])
     with pytest.raises(ValueError, match=r"Tensor\[N, C, H, W\]"):
         patchwise_cosine(feats[0], temps)
+
+
+def test_group_picks_reports_the_pick_of_each_size_group(monkeypatch):
+    fast = {(2, 3): "conv", (3, 3): "slices"}  # every other method made slow for that size
+    for name, fn in list(matching._GROUP_METHODS.items()):
+        def slowed(f, g, b, fn=fn, name=name):
+            if fast[tuple(g.shape[2:])] != name:
+                time.sleep(0.02)
+            return fn(f, g, b)
+        monkeypatch.setitem(matching._GROUP_METHODS, name, slowed)
+    monkeypatch.setattr(matching, "_picked", {})
+    feats = torch.nn.functional.normalize(torch.randn(4, 8, 6, 7), dim=1)
+    temps = [torch.nn.functional.normalize(torch.randn(8, h, w), dim=0) for h, w in [(2, 3), (3, 3), (2, 3)]]
+    assert matching.group_picks(temps) == {}
+    best_matches(feats, temps)
+    assert matching.group_picks(temps) == {(2, 3): {"conv"}, (3, 3): {"slices"}}
+    assert matching.group_picks(temps, frames=4) == matching.group_picks(temps)
+    assert matching.group_picks(temps, frames=16) == {}  # another batch size: not yet picked
+    assert matching.group_picks(temps[:2]) == {(3, 3): {"slices"}}  # one 2x3 template is another group
 
 
 def test_ties_go_to_first_position():
