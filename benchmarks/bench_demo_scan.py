@@ -94,8 +94,9 @@ def main() -> None:
               f"calibrated scores within {diff:.1e}")
     if a.json:
         with open(a.json, "a") as out:
-            out.write(json.dumps({"kind": "demo_scan", "device": machine(searcher.device), "frames": frames, "engine_fps": frames / t_engine,
-                                  "groups_fps": frames / t_groups, "picks": picks}) + "\n")
+            out.write(json.dumps({"kind": "demo_scan", "device": machine(searcher.device), "frames": frames,
+                                  "engine_fps": frames / t_engine, "groups_fps": frames / t_groups,
+                                  "picks": picks}) + "\n")
 
 
 if __name__ == "__main__":

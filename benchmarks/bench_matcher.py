@@ -205,7 +205,7 @@ def bench_gpu(repeat: int, log, channels=(128, 256, 1024)) -> None:
     dev = torch.device("cuda")
     sync = torch.cuda.synchronize
     hbm = hbm_read_gbps(dev)
-    print(f"\n{torch.cuda.get_device_name()}, fp16, {GPU_GRID[0]}x{GPU_GRID[1]} grid; HBM read {hbm:.0f} GB/s (measured)")
+    print(f"\n{machine('cuda')}, fp16, {GPU_GRID[0]}x{GPU_GRID[1]} grid; HBM read {hbm:.0f} GB/s (measured)")
     log({"kind": "env", "device": machine("cuda"), "torch": torch.__version__, "hbm_read_GBps": hbm})
     print(f"one call timed alone; (streamed) {STREAM} calls back to back before one sync; (graphs) the same "
           "through the scan's CUDA-graph cache (dtm_ops.cudagraphs)")
