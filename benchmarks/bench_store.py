@@ -34,10 +34,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def server_config() -> tuple[S3Config, str | None]:
+    """The S3 server of ``DTM_S3_ENDPOINT``, else a Ceph one started here (the caller stops
+    it; one that fails to start is stopped here, so that no daemon is left to load the
+    machine under later measurements)."""
     if os.environ.get("DTM_S3_ENDPOINT"):
         return S3Config.from_env(), None
     folder = tempfile.mkdtemp(prefix="dtm-s3-")
-    subprocess.run(["bash", str(REPO / "scripts/s3-server.sh"), "start", folder], check=True, capture_output=True)
+    script = str(REPO / "scripts/s3-server.sh")
+    started = subprocess.run(["bash", script, "start", folder], capture_output=True, text=True)
+    if started.returncode:
+        subprocess.run(["bash", script, "stop", folder], capture_output=True)
+        raise SystemExit(f"the S3 server did not start (exit {started.returncode}; logs in {folder}/log):\n"
+                         f"{started.stderr[-2000:]}")
     env = dict(line.removeprefix("export ").split("=", 1) for line in Path(folder, "env").read_text().splitlines() if line)
     return S3Config.from_env(env), folder
 
