@@ -5,9 +5,10 @@ tens of MB, the matcher's intermediates. glibc's malloc serves allocations above
 threshold (128 KiB, adapting up to 32 MiB) with fresh mappings and hands freed memory
 back to the kernel, so every page of the next tensor is faulted in and zero-filled again:
 a 68 MB tensor took 17,409 page faults each time on this project's 2-core machine, and
-none once freed memory was kept and the heap had grown to it (``tests/test_allocator.py``). :func:`retain_freed_memory` raises the mmap and trim
-thresholds so that freed memory stays in the heap for reuse; the process then keeps its
-peak (bounded by the scan's own budgets) until it exits, which suits a task process.
+none once freed memory was kept and the heap had grown to it (``tests/test_allocator.py``).
+:func:`retain_freed_memory` raises the mmap and trim thresholds so that freed memory stays
+in the heap for reuse; the process then keeps its peak (bounded by the scan's own budgets)
+until it exits, which suits a task process.
 
 It changes the whole process, so it is asked for where a process's heavy CPU work starts,
 :meth:`dtm_ops.search.Searcher.scan` on the CPU (a scan task, a search, the demo), and

@@ -311,7 +311,18 @@ def channel_sums(x: torch.Tensor, spectra: torch.Tensor) -> torch.Tensor:
     return y
 
 
-_no_out_dtype: set[str] = set()  # device types where torch.bmm has no out_dtype kernel
+@functools.lru_cache(maxsize=None)
+def _has_out_dtype(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.bmm(..., out_dtype=torch.float32)`` runs for ``dtype`` inputs on this
+    device (torch >= 2.8 on CUDA; this CPU build has no such kernel), tried once on 1x1
+    matrices: the answer is the library's, so that an error of a real call is never taken
+    for it and hidden."""
+    one = torch.ones(1, 1, 1, dtype=dtype, device=device)
+    try:
+        torch.bmm(one, one, out_dtype=torch.float32)
+    except (TypeError, NotImplementedError, RuntimeError):  # no such argument, or no kernel for it
+        return False
+    return True
 
 
 def _bmm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -320,13 +331,8 @@ def _bmm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     copies of the inputs (the same numbers, more memory traffic)."""
     if a.dtype == torch.float32:
         return torch.bmm(a, b)
-    if a.device.type not in _no_out_dtype:
-        try:
-            return torch.bmm(a, b, out_dtype=torch.float32)  # torch >= 2.8, CUDA
-        except torch.OutOfMemoryError:
-            raise
-        except (TypeError, NotImplementedError, RuntimeError):  # an older torch, no such kernel here
-            _no_out_dtype.add(a.device.type)
+    if _has_out_dtype(a.device, a.dtype):
+        return torch.bmm(a, b, out_dtype=torch.float32)
     return torch.bmm(a.float(), b.float())
 
 
