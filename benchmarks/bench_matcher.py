@@ -32,20 +32,23 @@ import torch.nn.functional as F
 from dtm_ops import matching, spectral
 from dtm_ops.cudagraphs import GraphCache, capture
 from dtm_ops.matching import best_matches, position_mask
+from query_sets import SCALES, template_sizes
 from timing import best_of, machine
 
 timeit = functools.partial(best_of, warm_up=True)
 
 CPU_GRID = (30, 40)
 CPU_CHANNELS = 112
-# (label, template sizes): one query of one scale; 16 queries; one query over 9 scales.
+# (label, template sizes): one query of one scale; 16 queries; one query over 9 scales; 16
+# queries over 9 scales, with one ROI shape and with each its own (query_sets.py).
 CPU_CASES = [
     ("Q=1, 4x3 template", [(4, 3)]),
     ("Q=1, 8x6 template", [(8, 6)]),
     ("Q=16, 4x3 templates", [(4, 3)] * 16),
     ("Q=16, 8x6 templates", [(8, 6)] * 16),
-    ("Q=1 x 9 scales (2x1..16x12)", [(2, 1), (3, 2), (4, 3), (6, 4), (8, 6), (11, 8), (12, 9), (14, 10), (16, 12)]),
-    ("Q=16 x 9 scales", [(2, 1), (3, 2), (4, 3), (6, 4), (8, 6), (11, 8), (12, 9), (14, 10), (16, 12)] * 16),
+    ("Q=1 x 9 scales (2x1..16x12)", sorted(SCALES)),
+    ("Q=16 x 9 scales", sorted(SCALES) * 16),
+    ("Q=16 x 9 scales, mixed shapes", [hw for q in template_sizes(16, 9, mixed=True) for hw in q]),
 ]
 CPU_METHODS = ("fold", "slices", "conv", "fft")
 GPU_GRID = (68, 120)

@@ -48,10 +48,10 @@ from dtm_ops.store import FeatureStore
 from dtm_ops.store.feature_store import SHARDS, part_bytes
 from dtm_ops.store.format import FrameEntry
 from dtm_ops.templates import Template
+from query_sets import case_label, parse_case, template_sizes
 from timing import best_of, machine
 
 REPO = Path(__file__).resolve().parents[1]
-SCALES = [(4, 3), (2, 1), (3, 2), (6, 4), (8, 6), (11, 8), (12, 9), (14, 10), (16, 12)]  # one ROI; the first n
 
 
 def fill(store: FeatureStore, frames: int, channels: int, grid: tuple[int, int], per_shard: int) -> None:
@@ -65,15 +65,16 @@ def fill(store: FeatureStore, frames: int, channels: int, grid: tuple[int, int],
         store.append(fp, entries, list(feats))
 
 
-def queries(n: int, scales: int, channels: int, centred: bool = False) -> list[PreparedQuery]:
-    """Templates of ``n`` queries at ``scales`` sizes; ``centred``: with a lake mean cell, as a
-    run with mean-centred matching has (the scan then centres every batch)."""
+def queries(n: int, scales: int, channels: int, centred: bool = False, mixed: bool = False) -> list[PreparedQuery]:
+    """Templates of ``n`` queries at ``scales`` sizes (``mixed``: each query's own shapes,
+    :mod:`query_sets`); ``centred``: with a lake mean cell, as a run with mean-centred
+    matching has (the scan then centres every batch)."""
     g = torch.Generator().manual_seed(1)
     lake_mean = F.normalize(torch.randn(channels, generator=g), dim=0) * 0.3 if centred else None
     out = []
-    for q in range(n):
+    for q, query_sizes in enumerate(template_sizes(n, scales, mixed)):
         temps = [Template(f"q{q}", 0, 1.0, F.normalize(torch.randn(channels, h, w, generator=g), dim=0), (0, 0, w, h))
-                 for h, w in SCALES[:scales]]
+                 for h, w in query_sizes]
         out.append(PreparedQuery(Query(f"q{q}", f"/queries/{q}.jpg", [(0, 0, 10, 10)]), temps, None, lake_mean))
     return out
 
@@ -182,7 +183,9 @@ def main() -> None:
     ap.add_argument("--per-shard", type=int, default=256)
     ap.add_argument("--channels", type=int, default=112)
     ap.add_argument("--grid", type=int, nargs=2, default=(30, 40))
-    ap.add_argument("--cases", nargs="+", default=["1x1", "1x9", "16x9"], help="QUERIESxSCALES (at most 9 scales)")
+    ap.add_argument("--cases", nargs="+", default=["1x1", "1x9", "16x9"],
+                    help="QUERIESxSCALES (at most 9 scales); with m at the end, each query its own ROI shape "
+                         "(query_sets.py), e.g. 64x9m")
     ap.add_argument("--batch-frames", type=int, nargs="+", default=[0],
                     help="frames matched per step; several: each side by side; 0: the Searcher's default for the "
                          "device (default)")
@@ -263,12 +266,12 @@ def main() -> None:
             fps["raw read (the fastest)"], fps["reader"] = a.frames / t_raw, a.frames / t_reader
             sample = next(store.iter_shards(shards[:1]))[1]
             for case, (bf, searcher) in ((c, s) for c in a.cases for s in searchers.items()):
-                nq, ns = map(int, case.split("x"))
-                prepared = queries(nq, ns, a.channels, a.center)
+                nq, ns, mixed = parse_case(case)
+                prepared = queries(nq, ns, a.channels, a.center, mixed)
                 searcher.scan(store, prepared, shards[:1])  # warm-up: the matcher's method pick
                 t_scan = best_of(lambda: searcher.scan(store, prepared, shards), a.repeat)
                 t_match = matcher_alone(store, shards, prepared, searcher, searcher.frames_per_step(sample))
-                label = f"{nq} quer{'y' if nq == 1 else 'ies'} x {ns} scale{'s' if ns > 1 else ''}"
+                label = case_label(nq, ns, mixed)
                 if len(searchers) > 1:
                     label += f", {searcher.frames_per_step(sample)}{'' if bf else ' (default)'} a step"
                 w = 31 if len(searchers) == 1 else 58
@@ -285,7 +288,8 @@ def main() -> None:
                           f"{a.frames / t_fresh:9.0f} frames/s  scan / this = {t_fresh / t_scan:.2f}")
                 if log:
                     log.write(json.dumps({"kind": "scan", "store": "s3" if a.s3 else "local", "device": name,
-                                          "queries": nq, "scales": ns, "center": a.center, "frames": a.frames,
+                                          "queries": nq, "scales": ns, "mixed_shapes": mixed, "center": a.center,
+                                          "frames": a.frames,
                                           "frames_per_step": searcher.frames_per_step(sample),
                                           "bytes": total, "raw_seq_s": t_seq, "raw_par_s": t_par,
                                           "raw_ranged_s": t_ranged, "server_cpus": a.server_cpus,
