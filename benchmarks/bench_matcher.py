@@ -16,8 +16,14 @@ and its share of the HBM read bandwidth measured in the same run.
 With ``--forms`` (CPU): only the spectral method's two forms of its channel sums, four real
 products per frequency against three, side by side on 32 frames, for 9 to 288 templates.
 
+With ``--chunks`` (CPU): only the spectral method's frames per pass on the CPU
+(:func:`dtm_ops.spectral.cpu_chunk_frames`), 16 against 32, in calls of the scan's 32 frames,
+for query sets of 9 to 576 templates (:mod:`query_sets`), with freed memory returned to the
+kernel and then kept (as the scan keeps it, :mod:`dtm_ops.allocator`).
+
     .venv/bin/python benchmarks/bench_matcher.py [--frames 256] [--repeat 3] [--json OUT.jsonl]
     .venv/bin/python benchmarks/bench_matcher.py --forms
+    .venv/bin/python benchmarks/bench_matcher.py --chunks
 """
 
 from __future__ import annotations
@@ -25,14 +31,15 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 
 import torch
 import torch.nn.functional as F
 
-from dtm_ops import matching, spectral
+from dtm_ops import allocator, matching, spectral
 from dtm_ops.cudagraphs import GraphCache, capture
 from dtm_ops.matching import best_matches, position_mask
-from query_sets import SCALES, template_sizes
+from query_sets import SCALES, case_label, parse_case, template_sizes
 from timing import best_of, machine
 
 timeit = functools.partial(best_of, warm_up=True)
@@ -187,6 +194,57 @@ def spectral_forms(frames: int, repeat: int, log) -> None:
             log({"kind": "spectral_forms", "templates": len(temps), "four_ms": four, "three_ms": three})
     finally:
         spectral.THREE_PRODUCTS_MIN = kept
+
+
+def spectral_chunks(frames: int, repeat: int, log, cases=("1x9", "4x9m", "16x9", "16x9m", "64x9m")) -> None:
+    """The spectral method's frames per pass on the CPU, 16 against 32, side by side: calls
+    of 32 frames (the scan's CPU step, :data:`dtm_ops.search.CPU_BATCH_FRAMES`) over
+    ``frames`` frames, the two timed in turn ``repeat`` times each. Larger passes reuse each
+    template spectrum for more frames, but their intermediates are larger: without freed
+    memory kept, fresh pages to fault in on every call. So the comparison runs twice, freed
+    memory returned to the kernel (glibc's default; first, since keeping it cannot be undone
+    in a process) and kept (:func:`dtm_ops.allocator.retain_freed_memory`, as the scan does)."""
+    from dtm_ops.search import CPU_BATCH_FRAMES
+
+    g = torch.Generator().manual_seed(3)
+    feats = unit((frames, CPU_CHANNELS, *CPU_GRID), g, "cpu", torch.float32)
+    valid = torch.tensor([CPU_GRID] * frames)
+    step, chunks = CPU_BATCH_FRAMES, (16, 32)
+    saved = spectral.CPU_CHUNK_FRAMES, spectral.CPU_CHUNK_FRAMES_KEPT
+    sets = {case: [unit((CPU_CHANNELS, h, w), g, "cpu", torch.float32)
+                   for q in template_sizes(*parse_case(case)) for h, w in q] for case in cases}
+
+    def scan(temps):
+        for s in range(0, frames, step):
+            spectral.best_matches(feats[s : s + step], temps, valid[s : s + step], matching.MAX_PRODUCT_BYTES)
+
+    os.environ[allocator.ENV] = "0"
+    try:
+        for memory in ("returned", "kept"):
+            if memory == "kept":
+                os.environ[allocator.ENV] = str(allocator.DEFAULT_MB)
+                allocator.retain_freed_memory()
+            print(f"\n{machine()}: spectral method, float32, {frames} frames of {CPU_CHANNELS}x{CPU_GRID[0]}x"
+                  f"{CPU_GRID[1]} in calls of {step}; frames/s, best of {repeat} (timed in turn); freed memory "
+                  f"{memory}")
+            print(f"{'query set':<44} " + " ".join(f"{f'{c} a pass':>10}" for c in chunks) + f" {'32 / 16':>8}")
+            for case, temps in sets.items():
+                took = {c: [] for c in chunks}
+                for c in chunks:  # warm-up: the plan, the spectra, each size of intermediates
+                    spectral.CPU_CHUNK_FRAMES = spectral.CPU_CHUNK_FRAMES_KEPT = c
+                    scan(temps)
+                for _ in range(repeat):
+                    for c in chunks:
+                        spectral.CPU_CHUNK_FRAMES = spectral.CPU_CHUNK_FRAMES_KEPT = c
+                        took[c].append(best_of(lambda: scan(temps), 1))
+                fps = {c: frames / min(took[c]) for c in chunks}
+                label = f"{case_label(*parse_case(case))} ({len(temps)})"
+                print(f"{label:<44} " + " ".join(f"{fps[c]:>10.0f}" for c in chunks)
+                      + f" {fps[32] / fps[16]:>7.2f}x")
+                log({"kind": "spectral_chunks", "case": case, "templates": len(temps), "freed_memory": memory,
+                     **{f"chunk{c}_fps": fps[c] for c in chunks}})
+    finally:
+        spectral.CPU_CHUNK_FRAMES, spectral.CPU_CHUNK_FRAMES_KEPT = saved
 
 
 def picked(temps: list[torch.Tensor], h: int, w: int, n: int) -> str:
@@ -410,6 +468,8 @@ def main() -> None:
     ap.add_argument("--skip-cpu", action="store_true")
     ap.add_argument("--forms", action="store_true",
                     help="CPU only: the spectral method's channel sums in four products against three")
+    ap.add_argument("--chunks", action="store_true", help="CPU only: the spectral method's frames per pass, 16 "
+                    "against 32")
     ap.add_argument("--tune", action="store_true", help="GPU only: time the scan kernel's launch settings")
     ap.add_argument("--parts", action="store_true", help="GPU only: where the scan kernel's time goes")
     ap.add_argument("--variants", type=int, default=len(PART_VARIANTS), help="--parts: the first N launch settings")
@@ -425,6 +485,9 @@ def main() -> None:
     log({"kind": "env", "device": machine(), "torch": torch.__version__})
     if a.forms:
         spectral_forms(min(a.frames, 32), max(a.repeat, 7), log)
+        return
+    if a.chunks:
+        spectral_chunks(a.frames, max(a.repeat, 4), log)
         return
     if not a.skip_cpu:
         bench_cpu(a.frames, a.repeat, log)

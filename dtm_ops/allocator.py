@@ -12,7 +12,9 @@ until it exits, which suits a task process.
 
 It changes the whole process, so it is asked for where a process's heavy CPU work starts,
 :meth:`dtm_ops.search.Searcher.scan` on the CPU (a scan task, a search, the demo), and
-``DTM_RETAIN_FREED_MB=0`` turns it off. Elsewhere than glibc it does nothing.
+``DTM_RETAIN_FREED_MB=0`` turns it off. Elsewhere than glibc it does nothing. :func:`kept`
+says whether it is in force, for work whose best size depends on it (the spectral method's
+frames per pass on the CPU, :func:`dtm_ops.spectral.cpu_chunk_frames`).
 """
 
 from __future__ import annotations
@@ -56,3 +58,9 @@ def retain_freed_memory() -> int:
             return 0
         _applied = want
     return want
+
+
+def kept() -> int:
+    """Bytes of freed memory this process keeps: what :func:`retain_freed_memory` put in
+    force, 0 where it has not (or changed nothing)."""
+    return _applied or 0

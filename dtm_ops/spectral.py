@@ -47,14 +47,24 @@ from dataclasses import dataclass
 
 import torch
 
+from dtm_ops import allocator
+
 #: Template spectra kept for template lists seen recently (a scan passes the same list
 #: with every batch); each holds ``P*(Q//2+1) * C * 2T`` numbers, ``3T`` in the
 #: three-product form (:func:`spectra_bytes`).
 SPECTRA_CACHE = 2
-#: On the CPU, frames per pass at most: larger passes ran slower on the 2-core machine (for
-#: 32 and 64 frames of 112x30x40, 0.3-0.9x of 16 over four template sets, 8 and 4 also
-#: slower), their intermediates being fresh memory of tens to hundreds of MB.
+#: On the CPU, frames per pass at most, where freed memory goes back to the kernel: larger
+#: passes ran slower on the first 2-core machine measured (for 32 and 64 frames of
+#: 112x30x40, 0.3-0.9x of 16 over four template sets, 8 and 4 also slower), their
+#: intermediates being fresh memory of tens to hundreds of MB, faulted in on every call.
 CPU_CHUNK_FRAMES = 16
+#: The same where the process keeps freed memory (:mod:`dtm_ops.allocator`, as a CPU scan
+#: does): each template spectrum then serves more frames per pass for no page faults. On an
+#: AMD EPYC (2 cores), in calls of the scan's 32 frames, side by side (``bench_matcher.py
+#: --chunks``, three runs, ``benchmarks/results/speed/epyc/matcher-cpu-spectral-chunks.txt``):
+#: 1.04-1.13x of 16 for 9 to 144 templates, 0.97-1.02x for 576; with freed memory returned,
+#: 0.58-1.12x.
+CPU_CHUNK_FRAMES_KEPT = 32
 #: ``auto`` weighs the method only where the templates' spectra fit in this many bytes (an
 #: explicit ``method="fft"`` is not bound by it): hundreds of templates at 1024 channels
 #: would otherwise fill a small GPU's memory just to be timed.
@@ -374,6 +384,12 @@ def frame_bytes(p: Plan, channels: int, templates: int) -> int:
     return forward * p.dw.element_size() + 4 * rest
 
 
+def cpu_chunk_frames() -> int:
+    """Frames per pass on the CPU at most: :data:`CPU_CHUNK_FRAMES_KEPT` where this process
+    keeps freed memory (:func:`dtm_ops.allocator.kept`), else :data:`CPU_CHUNK_FRAMES`."""
+    return CPU_CHUNK_FRAMES_KEPT if allocator.kept() else CPU_CHUNK_FRAMES
+
+
 def estimated_macs(grid: tuple[int, int], channels: int, sizes: Sequence[tuple[int, int]]) -> int:
     """Multiply-adds per frame of this method: transforms, products (four real ones per
     frequency; fewer in the three-product form), inverse transforms."""
@@ -440,7 +456,7 @@ def best_matches(
     cols = torch.empty_like(rows)
     step = max(1, max_bytes // frame_bytes(p, c, T))
     if features.device.type == "cpu":
-        step = min(step, CPU_CHUNK_FRAMES)
+        step = min(step, cpu_chunk_frames())
     for s in range(0, n, step):
         f = slice(s, s + step)
         y = inverse(channel_sums(frame_spectra(features[f], p), spectra), p)  # [hout, n', T, wout]

@@ -97,6 +97,31 @@ def test_best_matches_by_fft_equal_the_direct_methods(monkeypatch, dtype, tol, t
         assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
 
 
+@pytest.mark.parametrize("kept", [0, 1 << 30], ids=["memory-returned", "memory-kept"])
+def test_cpu_passes_are_larger_where_freed_memory_is_kept(monkeypatch, kept):
+    """On the CPU the frames go through in passes of CPU_CHUNK_FRAMES, or of
+    CPU_CHUNK_FRAMES_KEPT where the process keeps freed memory (a scan's), and either way
+    every frame gets the direct method's best position and score."""
+    from dtm_ops import allocator
+
+    monkeypatch.setattr(allocator, "kept", lambda: kept)
+    passes: list[int] = []
+    forward = spectral.frame_spectra
+    monkeypatch.setattr(spectral, "frame_spectra", lambda f, p: passes.append(len(f)) or forward(f, p))
+    n, H, W = 40, 6, 8
+    rows = [(H, W), (4, W), (H, 5)] * (n // 3) + [(H, W)] * (n % 3)
+    valid = torch.tensor(rows)
+    x = torch.from_numpy(_frames(np.random.default_rng(5), n, 8, H, W, rows)).float()
+    temps = [torch.nn.functional.normalize(torch.randn(8, h, w), dim=0) for h, w in [(2, 1), (3, 2), (2, 4)]]
+    got = spectral.best_matches(x, temps, valid, max_bytes=1 << 40)
+    step = spectral.CPU_CHUNK_FRAMES_KEPT if kept else spectral.CPU_CHUNK_FRAMES
+    assert spectral.CPU_CHUNK_FRAMES < spectral.CPU_CHUNK_FRAMES_KEPT < n
+    assert passes == [step] * (n // step) + [n % step]
+    want = best_matches(x.double(), [t.double() for t in temps], valid, method="slices")
+    torch.testing.assert_close(got[0].double(), want[0].double(), atol=1e-5, rtol=0)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+
+
 def _crops_and_random(x: torch.Tensor, sizes, seed: int) -> list[torch.Tensor]:
     """Templates for ``x (Tensor[n, C, H, W])``: a cut of a frame (plus noise) for every
     other size, a random one for the rest; unit-norm per cell."""
