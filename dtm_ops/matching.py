@@ -53,18 +53,44 @@ def position_mask(valid: torch.Tensor, grid: tuple[int, int], template: tuple[in
         valid (Tensor[N, 2]): each frame's valid ``(rows, cols)`` of cells.
     """
     h, w = template
-    ph, pw = h // 2, w // 2
     oh, ow = map_shape(grid, template)
-    rows = torch.arange(oh, device=valid.device).view(1, -1) - ph  # top-left row of each position
-    cols = torch.arange(ow, device=valid.device).view(1, -1) - pw
-    vr = valid[:, 0].view(-1, 1)
-    vc = valid[:, 1].view(-1, 1)
-    # template rows / columns that lie on the frame's valid cells
-    on_r = torch.minimum(rows + h, vr) - torch.clamp(rows, min=0)
-    on_c = torch.minimum(cols + w, vc) - torch.clamp(cols, min=0)
-    ok_r = on_r >= (h + 1) // 2
-    ok_c = on_c >= (w + 1) // 2
+    ok_r = _on_valid_cells(valid[:, :1], h, torch.arange(oh, device=valid.device))  # [N, oh]
+    ok_c = _on_valid_cells(valid[:, 1:], w, torch.arange(ow, device=valid.device))  # [N, ow]
     return ok_r[:, :, None] & ok_c[:, None, :]
+
+
+def position_masks(
+    valid: torch.Tensor, sizes: torch.Tensor, shape: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`position_mask` of many templates at once, one mask per axis, on a common map
+    of ``shape`` (the largest of their maps; each template's own map is its top-left part).
+
+    Args:
+        valid (Tensor[N, 2]): each frame's valid ``(rows, cols)`` of cells.
+        sizes (Tensor[T, 2]): each template's ``(h, w)``, integers on ``valid``'s device.
+
+    Returns:
+        ``(rows Tensor[N, T, oh], cols Tensor[N, T, ow])`` bool, ``(oh, ow) = shape``: position
+        ``(a, b)`` obeys the rule for template ``t`` in frame ``n`` where ``rows[n, t, a] &
+        cols[n, t, b]``.
+
+    Positions beyond a template's own map come out false by the rule itself: along an axis
+    of ``H`` cells every map is ``H`` (odd sizes) or ``H + 1`` long (:func:`map_shape`), and at
+    index ``H`` a template of odd size ``h`` has at most ``(h - 1) / 2`` cells on the frame.
+    """
+    pos = [torch.arange(length, device=valid.device) for length in shape]
+    rows, cols = (_on_valid_cells(valid[:, k, None, None], sizes[:, k, None], pos[k]) for k in (0, 1))
+    return rows, cols
+
+
+def _on_valid_cells(valid: torch.Tensor, size, positions: torch.Tensor) -> torch.Tensor:
+    """The border rule along one axis: whether a template ``size`` cells long at map index
+    ``positions`` (its first cell at ``positions - size // 2``) has at least half of its
+    cells (``ceil(size / 2)``) on the frame's first ``valid`` cells. ``size`` is an int or a
+    tensor; the arguments broadcast."""
+    start = positions - size // 2
+    on = torch.minimum(start + size, valid) - start.clamp(min=0)
+    return on >= (size + 1) // 2
 
 
 #: Bound on the intermediate products of one call (the cell-by-cell similarities of the

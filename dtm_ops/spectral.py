@@ -375,13 +375,15 @@ def sums(features: torch.Tensor, templates: Sequence[torch.Tensor], p: Plan | No
 
 def frame_bytes(p: Plan, channels: int, templates: int) -> int:
     """Bytes of the intermediates per frame, for chunking a batch: the forward transforms'
-    in their dtype (and ``a + b`` of three products), the rest in fp32."""
+    in their dtype (and ``a + b`` of three products), the rest in fp32 (the sums, and their
+    copy with the positions that break the border rule at ``-inf``), and the border
+    rule's mask (bool)."""
     H, _ = p.grid
     T = templates
     forward = 2 * channels * H * 2 * p.qh + 3 * p.frequencies * channels
     rest = (6 * p.frequencies * T + 2 * p.hout * p.qh * 2 * T + p.hout * T * 2 * p.qh
             + 2 * p.hout * T * p.wout)
-    return forward * p.dw.element_size() + 4 * rest
+    return forward * p.dw.element_size() + 4 * rest + p.hout * T * p.wout
 
 
 def cpu_chunk_frames() -> int:
@@ -441,16 +443,14 @@ def best_matches(
     Returns:
         ``(score, row, col)``, each ``Tensor[T, n]``.
     """
-    from dtm_ops.matching import _rows, map_shape, position_mask
+    from dtm_ops.matching import position_masks
 
-    n, c, H, W = features.shape
+    n, c = features.shape[:2]
     T = len(templates)
     p = plan_for(features, templates, dtype)
     spectra = cached_spectra(templates, p)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for k, size in enumerate(sizes_of(templates)):
-        groups.setdefault(size, []).append(k)
-    masks = {size: position_mask(valid, (H, W), size) for size in groups}  # [n, oh, ow]
+    sizes, cells = _size_tensors(sizes_of(templates), features.device)
+    ok_rows, ok_cols = position_masks(valid, sizes, (p.hout, p.wout))  # [n, T, hout], [n, T, wout]
     score = features.new_empty(T, n, dtype=torch.float32)
     rows = features.new_empty(T, n, dtype=torch.long)
     cols = torch.empty_like(rows)
@@ -460,11 +460,16 @@ def best_matches(
     for s in range(0, n, step):
         f = slice(s, s + step)
         y = inverse(channel_sums(frame_spectra(features[f], p), spectra), p)  # [hout, n', T, wout]
-        for (h, w), idx in groups.items():
-            oh, ow = map_shape((H, W), (h, w))
-            sel = _rows(idx, features.device)
-            ok = masks[(h, w)][f].permute(1, 0, 2)[:, :, None]  # [oh, n', 1, ow]
-            g = y[:oh, :, sel, :ow].masked_fill(~ok, float("-inf"))  # [oh, n', m, ow]
-            best, at = g.permute(1, 2, 0, 3).reshape(g.shape[1], g.shape[2], oh * ow).max(dim=2)
-            score[sel, f], rows[sel, f], cols[sel, f] = (best / (h * w)).T, (at // ow).T, (at % ow).T
+        ok = ok_rows[f, :, :, None] & ok_cols[f, :, None, :]  # [n', T, hout, wout]
+        best, at = torch.where(ok, y.permute(1, 2, 0, 3), float("-inf")).flatten(2).max(dim=2)  # [n', T]
+        score[:, f], rows[:, f], cols[:, f] = (best / cells).T, (at // p.wout).T, (at % p.wout).T
     return score, rows, cols
+
+
+@functools.lru_cache(maxsize=64)
+def _size_tensors(sizes: tuple[tuple[int, int], ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Tensor[T, 2] long, Tensor[T] float32)``: the templates' ``(h, w)`` and cell counts
+    on ``device``, made once per set of sizes: a copy from the host on every call would wait
+    for the GPU's queued work, and cannot be part of a CUDA graph."""
+    hw = torch.tensor(sizes, dtype=torch.long).view(-1, 2)
+    return hw.to(device), (hw[:, 0] * hw[:, 1]).float().to(device)

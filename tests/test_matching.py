@@ -63,6 +63,25 @@ def test_matches_reference_loop(case, dtype, tol, max_bytes, method):
             np.testing.assert_allclose(g[fin], want[fin], atol=tol, rtol=0)
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_position_masks_of_many_sizes_are_the_reference_loops_border_rule(case):
+    """All templates' masks at once, on the largest map: inside each template's own map the
+    positions the reference loop allows (its finite values), false beyond; templates
+    larger than the frame included."""
+    C, H, W, tsizes, valid = case
+    shapes = [map_shape((H, W), hw) for hw in tsizes]
+    shape = (max(s[0] for s in shapes), max(s[1] for s in shapes))
+    rows, cols = matching.position_masks(torch.tensor(valid), torch.tensor(tsizes), shape)
+    assert rows.shape == (len(valid), len(tsizes), shape[0]) and cols.shape == (len(valid), len(tsizes), shape[1])
+    feats = np.zeros((C, H, W))
+    for t, ((h, w), (oh, ow)) in enumerate(zip(tsizes, shapes)):
+        for n, v in enumerate(valid):
+            want = np.zeros(shape, dtype=bool)
+            want[:oh, :ow] = np.isfinite(patchwise_cosine_loop(feats, np.zeros((C, h, w)), v))
+            got = (rows[n, t, :, None] & cols[n, t, None, :]).numpy()
+            assert np.array_equal(got, want), (t, n)
+
+
 def test_identical_patch_scores_one_at_its_place():
     rng = np.random.default_rng(0)
     feats = unit_cells(rng, (64, 10, 12))
