@@ -214,6 +214,42 @@ def test_auto_times_the_spectral_method_for_many_templates_only(monkeypatch):
         torch.testing.assert_close(b, c)
 
 
+def _slowed(monkeypatch, group_seconds: float = 0.0, fft_seconds: float = 0.0) -> None:
+    """Every direct method made ``group_seconds`` slower a call, the spectral method
+    ``fft_seconds``; the picks start afresh."""
+    import time
+
+    for name, fn in list(matching._GROUP_METHODS.items()):
+        monkeypatch.setitem(matching._GROUP_METHODS, name,
+                            lambda f, g, b, fn=fn: time.sleep(group_seconds) or fn(f, g, b))
+    real = spectral.best_matches
+    monkeypatch.setattr(spectral, "best_matches", lambda *a: time.sleep(fft_seconds) or real(*a))
+    monkeypatch.setattr(matching, "_picked", {})
+    monkeypatch.setattr(matching, "_pick_times", {})
+
+
+@pytest.mark.parametrize("slow", ["groups", "fft"])
+def test_auto_stops_picking_size_groups_once_they_cannot_beat_the_spectral_method(monkeypatch, slow):
+    """For a set of many sizes, ``auto`` times the spectral method first, then picks the
+    size groups one by one while their picks' times add up to less than its time. Each
+    group slowed by more than the spectral method takes: one group is picked, the set goes
+    to the spectral method. The spectral method slowed instead: every group is picked, the
+    set goes to the groups. The scores are the direct method's either way."""
+    _slowed(monkeypatch, group_seconds=0.05 if slow == "groups" else 0.0, fft_seconds=0.5 if slow == "fft" else 0.0)
+    torch.manual_seed(6)
+    x = torch.nn.functional.normalize(torch.randn(8, 32, 10, 14), dim=1)
+    sizes = [(h, w) for h in (2, 4, 6) for w in (3, 5, 9)] * 2  # 9 sizes of 2 templates
+    temps = [torch.nn.functional.normalize(torch.randn(32, h, w), dim=0) for h, w in sizes]
+    assert spectral.weighed(torch.float32, (10, 14), 32, sizes, "cpu")
+    got = best_matches(x, temps)
+    groups = [k for k in matching._picked if k[0] == "best" and k[5] == len(x).bit_length()]
+    assert len(groups) == (1 if slow == "groups" else 9)
+    assert matching.set_picks(temps) == ({"fft"} if slow == "groups" else {"groups"})
+    want = best_matches(x.double(), [t.double() for t in temps], method="slices")
+    torch.testing.assert_close(got[0].double(), want[0].double(), atol=1e-5, rtol=0)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+
+
 def test_template_spectra_are_kept_for_the_same_tensors_and_remade_when_one_changes():
     torch.manual_seed(2)
     x = torch.nn.functional.normalize(torch.randn(3, 8, 7, 9), dim=1)
