@@ -452,8 +452,9 @@ def _best_by_groups(
     budget: _Budget | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`best_matches` one size group at a time (every method but ``"fft"``). With a
-    ``budget`` (``auto`` only), each group's time is spent from it, its pick's time where
-    the group was picked before or now, raising :class:`_OverBudget` once it runs out."""
+    ``budget`` (``auto`` only), each group's time is spent from it as it goes (the time its
+    pick was timed at, or the call's own where the pick has none), raising
+    :class:`_OverBudget` once it runs out."""
     from dtm_ops import shiftmax
 
     n, _, H, W = features.shape
