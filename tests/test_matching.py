@@ -160,8 +160,9 @@ def test_auto_times_each_method_once_and_remembers_the_pick(monkeypatch):
     feats = torch.nn.functional.normalize(torch.randn(4, 8, 6, 7), dim=1)
     temps = [torch.nn.functional.normalize(torch.randn(8, 2, 3), dim=0) for _ in range(3)]
     first = patchwise_cosine(feats, temps)
-    assert sorted(calls) == ["conv"] * 3 + ["fold"] * 3 + ["slices"] * 3  # a warm-up and two timed runs each
     (key, pick), = matching._picked.items()
+    # a warm-up and two timed runs each, one for a method clearly slower than the best before it
+    assert calls.count(pick) == 3 and all(calls.count(m) in (2, 3) for m in matching._GROUP_METHODS)
     assert key == ("maps", "cpu", torch.float32, (8, 6, 7), (3, 8, 2, 3), 3)  # 4 frames: bucket 2**2..2**3-1
     calls.clear()
     again = patchwise_cosine(feats, temps)
@@ -171,6 +172,33 @@ def test_auto_times_each_method_once_and_remembers_the_pick(monkeypatch):
         torch.testing.assert_close(a, c)
     with pytest.raises(ValueError, match="method must be one of"):
         patchwise_cosine(feats, temps, method="fft")
+
+
+def test_a_method_clearly_slower_than_the_best_so_far_is_timed_once(monkeypatch):
+    """On a clock the methods advance (1, 3 and 1.5 units a batch, in the order they are
+    tried): the one that took more than SURE_SLOWER times the best before it runs once,
+    the others twice; the fastest is picked."""
+    clock = [0.0]
+    monkeypatch.setattr(matching.time, "perf_counter", lambda: clock[0])
+    cost = dict(zip(matching._GROUP_METHODS, (1.0, 3.0, 1.5)))
+    assert matching.SURE_SLOWER * min(cost.values()) < 3.0
+    calls = []
+    for name, fn in list(matching._GROUP_METHODS.items()):
+        def timed(f, g, b, fn=fn, name=name):
+            calls.append((name, len(f)))
+            clock[0] += cost[name] if len(f) > 1 else 0.0  # the warm-up (one frame) is free
+            return fn(f, g, b)
+        monkeypatch.setitem(matching._GROUP_METHODS, name, timed)
+    monkeypatch.setattr(matching, "_picked", {})
+    monkeypatch.setattr(matching, "_pick_times", {})
+    feats = torch.nn.functional.normalize(torch.randn(4, 8, 6, 7), dim=1)
+    temps = [torch.nn.functional.normalize(torch.randn(8, 2, 3), dim=0)]
+    patchwise_cosine(feats, temps)
+    runs = {name: sum(1 for c in calls if c == (name, 4)) for name in cost}
+    slow = max(cost, key=cost.get)
+    assert runs == {name: 1 if name == slow else 2 for name in cost}
+    assert list(matching._picked.values()) == [min(cost, key=cost.get)]
+    assert list(matching._pick_times.values()) == [min(cost.values())]
 
 
 def _best_reference(feats: np.ndarray, temps: list[np.ndarray], valid) -> tuple[np.ndarray, np.ndarray]:
