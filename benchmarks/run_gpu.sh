@@ -53,9 +53,10 @@ if has parts && t=$(within 150 parts); then
   timeout "$t" python3 benchmarks/bench_matcher.py --skip-cpu --parts ${PARTS_ARGS:-} --json "$OUT/results.jsonl" 2>&1 \
     | grep -v "^USDT\|^ERROR:.*gpuGetDeviceCount" | tee "$OUT/parts.txt"
 fi
+# 16x9m: 16 queries of their own ROI shapes (benchmarks/query_sets.py), last: a step cut short keeps the rest
 if has scan && t=$(within 120 scan); then
   DTM_PREFETCH_MB=4096 timeout "$t" python3 benchmarks/bench_scan.py --frames 512 --per-shard 256 --channels 256 \
-    --grid 68 120 --cases 1x1 1x9 16x9 --batch-frames 64 0 --json "$OUT/results.jsonl" 2>&1 | tee "$OUT/scan.txt"
+    --grid 68 120 --cases 1x1 1x9 16x9 16x9m --batch-frames 64 0 --json "$OUT/results.jsonl" 2>&1 | tee "$OUT/scan.txt"
 fi
 # 1080p JPEGs made by the bench itself (the GPU image has no demo videos)
 if has index && t=$(within 120 index); then
