@@ -6,10 +6,10 @@ session to the next, and so do their ratios."""
 from __future__ import annotations
 
 import os
-import platform
 import time
 from collections.abc import Callable
-from pathlib import Path
+
+from dtm_ops.machine import cpu_model
 
 
 def best_of(fn: Callable[[], object], repeat: int, sync: Callable[[], None] | None = None, *,
@@ -28,26 +28,6 @@ def best_of(fn: Callable[[], object], repeat: int, sync: Callable[[], None] | No
         sync()
         best = min(best, time.perf_counter() - t)
     return best
-
-
-def cpu_model() -> str:
-    """The CPU as Linux names it, e.g. ``AMD EPYC (family 25, model 17), AVX512``: the vendor's
-    name alone (a virtual machine's may be only ``AMD EPYC``) does not tell generations apart."""
-    fields: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-            if not line.strip():
-                break  # the first processor is enough
-    except OSError:
-        pass
-    name = fields.get("model name") or platform.processor() or platform.machine()
-    if "cpu family" in fields and "model" in fields:
-        name += f" (family {fields['cpu family']}, model {fields['model']})"
-    import torch
-
-    return f"{name}, {torch.backends.cpu.get_cpu_capability()}"
 
 
 def machine(device: object = "cpu") -> str:
