@@ -110,7 +110,8 @@ METHODS = ("auto", "fold", "slices", "conv")
 
 # "auto" picks per (maps or best, device, dtype, frame grid, channels, template size, group
 # size, batch size to a power of 2): the fastest method on first use, timed on that call's
-# own frames (as cuDNN's benchmark mode); and the pick's time, in seconds.
+# own frames (as cuDNN's benchmark mode); and the pick's time, in seconds. Both are also
+# kept on disk for the machine's later processes (dtm_ops.picks).
 _picked: dict[tuple, str] = {}
 _pick_times: dict[tuple, float] = {}
 
@@ -216,16 +217,41 @@ _GROUP_METHODS = {
 def _fastest(key: tuple, candidates: dict, args: tuple, warm_up: tuple):
     """Run the remembered pick for ``key``, or time every candidate on ``args`` (after a
     run on ``warm_up``, one frame: library set-up is not a method's cost), remember the
-    fastest and its time, and return its result. ``args[0]`` is the features."""
-    if key in _picked:
+    fastest and its time, and return its result. ``args[0]`` is the features. Picks are
+    also kept on disk for later processes (:mod:`dtm_ops.picks`)."""
+    if _known(key, candidates):
         return candidates[_picked[key]](*args)
     best = None
     for name, fn in candidates.items():
         took, out = _timed(fn, args, warm_up, SURE_SLOWER * best[0] if best else float("inf"))
         if best is None or took < best[0]:
             best = (took, name, out)
-    _picked[key], _pick_times[key] = best[1], best[0]
+    _settle(key, best[1], best[0])
     return best[2]
+
+
+def _known(key: tuple, methods) -> bool:
+    """Whether ``key`` has a pick among ``methods``: made in this process, or kept on disk
+    by an earlier one on this machine (:func:`dtm_ops.picks.recall`), which is then
+    remembered here too. A kept pick this process does not have (Triton's ``"shift"``
+    where Triton is missing) is timed anew."""
+    from dtm_ops import picks
+
+    if key in _picked:
+        return True
+    kept = picks.recall(key)
+    if kept is None or kept[0] not in methods:
+        return False
+    _picked[key], _pick_times[key] = kept
+    return True
+
+
+def _settle(key: tuple, method: str, seconds: float) -> None:
+    """Remember ``method`` for ``key``, here and on disk (:func:`dtm_ops.picks.remember`)."""
+    from dtm_ops import picks
+
+    _picked[key], _pick_times[key] = method, seconds
+    picks.remember(key, method, seconds)
 
 
 #: A candidate whose first timed run takes this many times the best one's time so far is
@@ -303,6 +329,20 @@ def _valid(features: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     return valid.to(features.device)
 
 
+def _keeps_picks(fn):
+    """``fn``, writing the picks it made to disk as it returns (:func:`dtm_ops.picks.flush`)."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        from dtm_ops import picks
+
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            picks.flush()
+    return call
+
+
+@_keeps_picks
 def patchwise_cosine(
     features: torch.Tensor,
     templates: Sequence[torch.Tensor],
@@ -349,6 +389,7 @@ def patchwise_cosine(
     return maps  # type: ignore[return-value]
 
 
+@_keeps_picks
 def best_matches(
     features: torch.Tensor,
     templates: Sequence[torch.Tensor],
@@ -386,7 +427,7 @@ def best_matches(
     if not spectral.weighed(features.dtype, (H, W), c, sizes, features.device.type):
         return _best_by_groups(features, templates, valid, max_bytes, method)
     key = ("best-set", features.device.type, features.dtype, (c, H, W), _set_sizes(sizes), n.bit_length())
-    if key not in _picked:
+    if not _known(key, ("fft", "groups")):
         return _pick_set(key, features, templates, valid, max_bytes)
     if _picked[key] == "fft":
         return spectral.best_matches(features, templates, valid, max_bytes)
@@ -416,8 +457,7 @@ def _pick_set(
         groups = _best_by_groups(features, templates, valid, max_bytes, "auto", budget)
     except _OverBudget:
         groups = None
-    _picked[key] = "fft" if groups is None else "groups"
-    _pick_times[key] = took if groups is None else took - budget.left
+    _settle(key, "fft" if groups is None else "groups", took if groups is None else took - budget.left)
     return out if groups is None else groups
 
 

@@ -19,6 +19,7 @@ Cheap to import (the DAG files read it at parse time). Locations may be folders 
 | DTM_RETRY_DELAY_S | 30 | seconds between a failed task's tries |
 | DTM_PREFETCH_MB | 512 | the scan's read-ahead budget; read by the feature store in the worker's own process (not here), so each worker can set its own (a GPU worker on fast storage: several shards' worth) |
 | DTM_RETAIN_FREED_MB | 1024 | MiB of freed memory a CPU scan's process keeps for reuse, 0: off (`dtm_ops/allocator.py`; read in the worker's own process) |
+| DTM_PICK_CACHE | ~/.cache/dtm-ops | folder where a worker keeps the matcher's method picks for its later tasks, off: none (`dtm_ops/picks.py`; read in the worker's own process) |
 | DTM_LS_CONN_ID | label_studio_default | Airflow connection of the Label Studio sink (host, token as password, extra: project, frame_urls, chunk_size, min_interval_s) |
 | DTM_LS_URL, DTM_LS_TOKEN, DTM_LS_PROJECT, DTM_LS_FRAME_URLS | | the same, when there is no such connection |
 """

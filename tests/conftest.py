@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# The matcher's method picks stay in memory in the tests: a test that clears them
+# (monkeypatching dtm_ops.matching._picked) must see the methods timed again, not find
+# them on disk. The disk cache has tests of its own (tests/test_picks.py).
+os.environ["DTM_PICK_CACHE"] = "off"
 
 #: Shots of bikes.mp4, checked by looking at the frames: [start, end) -> what is in them.
 BIKES_SHOTS = {

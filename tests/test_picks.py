@@ -1,0 +1,170 @@
+"""The matcher's method picks kept on disk (dtm_ops.picks): across real processes, per machine."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from dtm_ops import matching, picks
+
+#: A fresh process that runs auto's best_matches and says how many timings it ran.
+CHILD = """
+import json, sys
+import torch
+import torch.nn.functional as F
+from dtm_ops import matching
+
+torch.set_num_threads(int(sys.argv[1]))
+runs = []
+timed = matching._timed
+matching._timed = lambda *a, **k: runs.append(1) or timed(*a, **k)
+g = torch.Generator().manual_seed(0)
+feats = F.normalize(torch.randn(4, 8, 6, 7, generator=g), dim=1)
+temps = [F.normalize(torch.randn(8, h, w, generator=g), dim=0) for h, w in [(2, 3), (3, 3), (2, 3)]]
+score, rows, cols = matching.best_matches(feats, temps)
+print(json.dumps({"timed": len(runs), "picks": sorted(map(repr, matching._picked.items())),
+                  "score": score.tolist(), "rows": rows.tolist(), "cols": cols.tolist()}))
+"""
+
+
+def _child(folder: Path, threads: int) -> dict:
+    env = {**os.environ, picks.ENV: str(folder)}
+    out = subprocess.run([sys.executable, "-c", CHILD, str(threads)], env=env, capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout)
+
+
+def test_a_process_uses_the_picks_an_earlier_one_kept_on_this_machine(tmp_path):
+    first = _child(tmp_path, 1)
+    assert first["timed"] > 0 and first["picks"]
+    kept = json.loads((tmp_path / picks.FILE).read_text())["picks"]
+    assert len(kept) == len(first["picks"])
+    again = _child(tmp_path, 1)
+    assert again["timed"] == 0  # every pick read from the file, none timed
+    assert again["picks"] == first["picks"]
+    assert (again["score"], again["rows"], again["cols"]) == (first["score"], first["rows"], first["cols"])
+    # another thread count is another machine for the picks: timed anew, and kept beside the others
+    other = _child(tmp_path, 2)
+    assert other["timed"] > 0
+    assert len(json.loads((tmp_path / picks.FILE).read_text())["picks"]) == 2 * len(kept)
+
+
+def test_the_file_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(picks.ENV, "off")
+    assert picks.path() is None
+    monkeypatch.setenv(picks.ENV, str(tmp_path / "c"))
+    assert picks.path() == tmp_path / "c" / "picks.json"
+    monkeypatch.delenv(picks.ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert picks.path() == tmp_path / "x" / "dtm-ops" / "picks.json"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert picks.path() == tmp_path / "home" / ".cache" / "dtm-ops" / "picks.json"
+
+
+def test_off_keeps_nothing(monkeypatch, tmp_path):
+    monkeypatch.setenv(picks.ENV, "off")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    key = ("best", "cpu", torch.float32, (8, 6, 7), (1, 8, 2, 3), 3)
+    picks.remember(key, "fold", 0.5)
+    picks.flush()
+    assert picks.recall(key) is None and not list(tmp_path.rglob("*"))
+
+
+def test_processes_writing_one_after_the_other_keep_each_others_picks(monkeypatch, tmp_path):
+    monkeypatch.setenv(picks.ENV, str(tmp_path))
+    a = ("best", "cpu", torch.float32, (8, 6, 7), (1, 8, 2, 3), 3)
+    b = ("best", "cpu", torch.float16, (8, 6, 7), (1, 8, 2, 3), 3)  # the same but the dtype
+    monkeypatch.setattr(picks, "_tables", {})  # process 1
+    picks.remember(a, "fold", 0.5)
+    picks.flush()
+    monkeypatch.setattr(picks, "_tables", {})  # process 2, after it
+    assert picks.recall(a) == ("fold", 0.5) and picks.recall(b) is None
+    picks.remember(b, "conv", 0.25)
+    picks.flush()
+    monkeypatch.setattr(picks, "_tables", {})  # process 3
+    assert (picks.recall(a), picks.recall(b)) == (("fold", 0.5), ("conv", 0.25))
+
+
+def test_the_file_keeps_the_newest_picks(monkeypatch, tmp_path):
+    monkeypatch.setenv(picks.ENV, str(tmp_path))
+    monkeypatch.setattr(picks, "_tables", {})
+    monkeypatch.setattr(picks, "MAX_PICKS", 3)
+    keys = [("best", "cpu", torch.float32, (8, 6, 7), (1, 8, 2, w), 3) for w in range(1, 6)]
+    for k, key in enumerate(keys):
+        picks.remember(key, "fold", float(k))
+        if k in (0, 2, 4):
+            picks.flush()
+    monkeypatch.setattr(picks, "_tables", {})  # another process
+    assert [picks.recall(key) for key in keys] == [None, None, ("fold", 2.0), ("fold", 3.0), ("fold", 4.0)]
+
+
+def test_an_unreadable_file_is_reported_once_then_rewritten(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv(picks.ENV, str(tmp_path))
+    monkeypatch.setattr(picks, "_tables", {})
+    monkeypatch.setattr(picks, "_warned", set())
+    (tmp_path / picks.FILE).write_text('{"format": 1, "picks": {"x": "not a pick"}}')
+    key = ("best-set", "cpu", torch.float32, (8, 6, 7), (((2, 3), (3, 3)), 3), 3)
+    with caplog.at_level(logging.WARNING, logger="dtm_ops.picks"):
+        assert picks.recall(key) is None
+        assert picks.recall(key) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"cannot read {tmp_path / picks.FILE} (not a picks file of format 1); picks are timed anew "
+        "(the file is rewritten on the next pick)"
+    ]
+    picks.remember(key, "fft", 0.125)
+    picks.flush()  # the broken file is replaced, not merged
+    doc = json.loads((tmp_path / picks.FILE).read_text())
+    assert list(doc["picks"].values()) == [["fft", 0.125]]
+
+
+def test_a_file_that_cannot_be_written_leaves_the_picks_in_memory(monkeypatch, tmp_path, caplog):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv(picks.ENV, str(tmp_path / "a-file"))  # a folder that cannot be made
+    monkeypatch.setattr(picks, "_tables", {})
+    monkeypatch.setattr(picks, "_warned", set())
+    monkeypatch.setattr(matching, "_picked", {})
+    monkeypatch.setattr(matching, "_pick_times", {})
+    feats = torch.nn.functional.normalize(torch.randn(2, 8, 6, 7), dim=1)
+    temps = [torch.nn.functional.normalize(torch.randn(8, 2, 3), dim=0)]
+    with caplog.at_level(logging.WARNING, logger="dtm_ops.picks"):
+        matching.best_matches(feats, temps)
+        matching.best_matches(feats[:1], temps)  # another batch size: another pick
+    file = tmp_path / "a-file" / picks.FILE
+    assert len(matching._picked) == 2  # kept in memory all the same
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [f"cannot read {file}", f"cannot write {file}"]
+
+
+def test_a_kept_pick_of_a_method_this_process_lacks_is_timed_anew(monkeypatch, tmp_path):
+    """A pick of Triton's "shift", kept by a process that had Triton, is not one here."""
+    monkeypatch.setenv(picks.ENV, str(tmp_path))
+    monkeypatch.setattr(picks, "_tables", {})
+    monkeypatch.setattr(matching, "_picked", {})
+    monkeypatch.setattr(matching, "_pick_times", {})
+    feats = torch.nn.functional.normalize(torch.randn(2, 8, 6, 7), dim=1)
+    group = torch.nn.functional.normalize(torch.randn(1, 8, 2, 3), dim=1)
+    key = matching._key("best", feats, group)
+    picks.remember(key, "shift", 0.001)
+    assert not matching._known(key, ("fold", "slices", "conv"))
+    assert key not in matching._picked
+    assert matching._known(key, ("fold", "slices", "conv", "shift"))
+    assert (matching._picked[key], matching._pick_times[key]) == ("shift", 0.001)
+
+
+def test_the_machine_of_a_cpu_pick_includes_torchs_threads():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = picks.device("cpu")
+        torch.set_num_threads(2)
+        two = picks.device("cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert one != two and one.replace("threads 1", "threads 2") == two
