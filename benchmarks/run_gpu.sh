@@ -43,7 +43,7 @@ within() {
 }
 # the tests that need CUDA (skipped on machines without it, CI included); appended to gpu.txt
 if has tests && t=$(within 100 tests); then
-  timeout "$t" python3 -m pytest -q -p no:cacheprovider -rs tests/test_cudagraphs.py tests/test_spectral.py 2>&1 | tee -a "$OUT/gpu.txt"
+  timeout "$t" python3 -m pytest -q -p no:cacheprovider -rs tests/test_cudagraphs.py tests/test_spectral.py tests/test_picks.py 2>&1 | tee -a "$OUT/gpu.txt"
 fi
 if has matcher && t=$(within 200 matcher); then
   timeout "$t" python3 benchmarks/bench_matcher.py --skip-cpu ${MATCHER_ARGS:-} --json "$OUT/results.jsonl" 2>&1 \

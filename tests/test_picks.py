@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from dtm_ops import matching, picks
@@ -21,38 +22,42 @@ import torch.nn.functional as F
 from dtm_ops import matching
 
 torch.set_num_threads(int(sys.argv[1]))
+device, dtype = (torch.device("cuda"), torch.float16) if sys.argv[2] == "cuda" else (torch.device("cpu"), torch.float32)
 runs = []
 timed = matching._timed
 matching._timed = lambda *a, **k: runs.append(1) or timed(*a, **k)
 g = torch.Generator().manual_seed(0)
-feats = F.normalize(torch.randn(4, 8, 6, 7, generator=g), dim=1)
-temps = [F.normalize(torch.randn(8, h, w, generator=g), dim=0) for h, w in [(2, 3), (3, 3), (2, 3)]]
+feats = F.normalize(torch.randn(4, 8, 6, 7, generator=g), dim=1).to(device, dtype)
+temps = [F.normalize(torch.randn(8, h, w, generator=g), dim=0).to(device, dtype) for h, w in [(2, 3), (3, 3), (2, 3)]]
 score, rows, cols = matching.best_matches(feats, temps)
 print(json.dumps({"timed": len(runs), "picks": sorted(map(repr, matching._picked.items())),
                   "score": score.tolist(), "rows": rows.tolist(), "cols": cols.tolist()}))
 """
 
 
-def _child(folder: Path, threads: int) -> dict:
+def _child(folder: Path, threads: int, device: str = "cpu") -> dict:
     env = {**os.environ, picks.ENV: str(folder)}
-    out = subprocess.run([sys.executable, "-c", CHILD, str(threads)], env=env, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", CHILD, str(threads), device], env=env, capture_output=True,
+                         text=True, check=True)
     return json.loads(out.stdout)
 
 
-def test_a_process_uses_the_picks_an_earlier_one_kept_on_this_machine(tmp_path):
-    first = _child(tmp_path, 1)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (run on the GPU machine)"))])
+def test_a_process_uses_the_picks_an_earlier_one_kept_on_this_machine(tmp_path, device):
+    first = _child(tmp_path, 1, device)
     assert first["timed"] > 0 and first["picks"]
     kept = json.loads((tmp_path / picks.FILE).read_text())["picks"]
     assert len(kept) == len(first["picks"])
-    again = _child(tmp_path, 1)
+    assert all(json.loads(k)[0].startswith(device + " ") for k in kept)
+    again = _child(tmp_path, 1, device)
     assert again["timed"] == 0  # every pick read from the file, none timed
     assert again["picks"] == first["picks"]
     assert (again["score"], again["rows"], again["cols"]) == (first["score"], first["rows"], first["cols"])
-    # another thread count is another machine for the picks: timed anew, and kept beside the others
-    other = _child(tmp_path, 2)
-    assert other["timed"] > 0
-    assert len(json.loads((tmp_path / picks.FILE).read_text())["picks"]) == 2 * len(kept)
+    if device == "cpu":  # another thread count is another machine for CPU picks: timed anew, kept beside
+        other = _child(tmp_path, 2, device)
+        assert other["timed"] > 0
+        assert len(json.loads((tmp_path / picks.FILE).read_text())["picks"]) == 2 * len(kept)
 
 
 def test_the_file_follows_the_environment(monkeypatch, tmp_path):
