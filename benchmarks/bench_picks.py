@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -77,25 +78,33 @@ def main() -> None:
     from timing import machine
 
     uri = tempfile.mkdtemp(prefix="dtm-picks-store-")
-    fill(FeatureStore.open(uri), a.frames, a.channels, tuple(a.grid), 256)
-    print(f"{machine()}: a fresh process scans {a.frames} frames of {a.channels}x{a.grid[0]}x{a.grid[1]} "
+    try:
+        fill(FeatureStore.open(uri), a.frames, a.channels, tuple(a.grid), 256)
+        compare(a, uri, machine())
+    finally:
+        shutil.rmtree(uri, ignore_errors=True)
+
+
+def compare(a: argparse.Namespace, uri: str, name: str) -> None:
+    """The table: each case's scan in fresh processes, picks timed against picks read."""
+    print(f"{name}: a fresh process scans {a.frames} frames of {a.channels}x{a.grid[0]}x{a.grid[1]} "
           f"(shards of 256 and {a.frames % 256 or 256}) from a local folder; median of {a.rounds} rounds")
     print(f"  {'case':<8} {'picks timed':>22} {'picks read':>22} {'ratio':>6} {'2nd scan':>9}")
     log = open(a.json, "a") if a.json else None
     for case in a.cases:
-        cache = tempfile.mkdtemp(prefix="dtm-picks-")
-        run_child(uri, case, a.channels, cache)  # the earlier task that keeps the picks
-        off, on = [], []
-        for _ in range(a.rounds):
-            off.append(run_child(uri, case, a.channels, "off"))
-            on.append(run_child(uri, case, a.channels, cache))
+        with tempfile.TemporaryDirectory(prefix="dtm-picks-") as cache:
+            run_child(uri, case, a.channels, cache)  # the earlier task that keeps the picks
+            off, on = [], []
+            for _ in range(a.rounds):
+                off.append(run_child(uri, case, a.channels, "off"))
+                on.append(run_child(uri, case, a.channels, cache))
         t_off, t_on = (statistics.median(r["first"] for r in rs) for rs in (off, on))
         again = statistics.median(r["again"] for r in off + on)
         n_off, n_on = (max(r["timed"] for r in rs) for rs in (off, on))
         print(f"  {case:<8} {t_off:7.2f} s ({n_off:4d} timings) {t_on:7.2f} s ({n_on:4d} timings) "
               f"{t_off / t_on:5.2f}x {again:7.2f} s")
         if log:
-            log.write(json.dumps({"kind": "picks", "device": machine(), "case": case, "frames": a.frames,
+            log.write(json.dumps({"kind": "picks", "device": name, "case": case, "frames": a.frames,
                                   "timed_s": [r["first"] for r in off], "read_s": [r["first"] for r in on],
                                   "second_scan_s": again, "timings": [n_off, n_on]}) + "\n")
 

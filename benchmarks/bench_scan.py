@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -202,7 +203,7 @@ def main() -> None:
     a = ap.parse_args()
     folder = None
     if a.s3:
-        from bench_store import server_config
+        from bench_store import drop_bucket, server_config
 
         cfg, folder = server_config()
         bucket = f"scan-{int(time.time())}"
@@ -317,8 +318,12 @@ def main() -> None:
             print(f"  GPU scan against CPU scan, top 20 of query 0: {same}/20 same frames in order, max score diff {worst:.1e}")
             assert worst < 0.05 and same >= 18
     finally:
-        if folder:
+        if folder:  # the server started here, and the objects in its memory with it
             subprocess.run(["bash", str(REPO / "scripts/s3-server.sh"), "stop", folder], capture_output=True)
+        elif a.s3:
+            drop_bucket(cfg, bucket)
+        else:
+            shutil.rmtree(uri, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,18 @@ def server_config() -> tuple[S3Config, str | None]:
     return S3Config.from_env(env), folder
 
 
+def drop_bucket(cfg: S3Config, bucket: str) -> None:
+    """Delete ``bucket`` and every object in it: a benchmark's data must not pile up on a
+    server that outlives it (``DTM_S3_ENDPOINT``; a Ceph one started here keeps objects in
+    memory, and a full one stalls writes)."""
+    client = cfg.client()
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if keys:
+            client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+    client.delete_bucket(Bucket=bucket)
+
+
 def real_features(n: int) -> tuple[FeatureExtractor, list[torch.Tensor], list]:
     """Features of ``n`` demo frames (bikes.mp4, repeated if needed), default extractor."""
     from dtm_ops.demo import demo_videos
@@ -65,6 +77,13 @@ def real_features(n: int) -> tuple[FeatureExtractor, list[torch.Tensor], list]:
 def read_throughput(cfg: S3Config, extractor, feats, ffs, repeat: int) -> None:
     bucket = f"bench-{int(time.time())}"
     cfg.client().create_bucket(Bucket=bucket)
+    try:
+        _read_throughput(cfg, bucket, extractor, feats, ffs, repeat)
+    finally:
+        drop_bucket(cfg, bucket)
+
+
+def _read_throughput(cfg: S3Config, bucket: str, extractor, feats, ffs, repeat: int) -> None:
     store = FeatureStore.open(f"s3://{bucket}/f", s3_config=cfg)
     entries = [
         FrameEntry(f"f{i}", f"/x/{i}.jpg", "s", i, ff.size[0], ff.size[1], ff.valid, ff.scale) for i, ff in enumerate(ffs)
