@@ -173,3 +173,32 @@ def test_the_machine_of_a_cpu_pick_includes_torchs_threads():
     finally:
         torch.set_num_threads(threads)
     assert one != two and one.replace("threads 1", "threads 2") == two
+
+
+WRITER = """
+import sys
+import torch
+from dtm_ops import picks
+
+for k in range(40):
+    picks.remember(("best", "cpu", torch.float32, (8, 6, 7), (1, 8, int(sys.argv[1]), k + 1), 3), "fold", 0.5)
+    picks.flush()
+"""
+
+
+def test_processes_writing_at_once_never_leave_a_broken_file(tmp_path):
+    """Four processes flush 40 picks each at the same time while this one reads the file:
+    every read parses (a pick may be lost to a concurrent write, never the file), and the
+    file ends with all the picks of the writer that wrote last."""
+    env = {**os.environ, picks.ENV: str(tmp_path)}
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(w + 1)], env=env) for w in range(4)]
+    reads = 0
+    while any(p.poll() is None for p in writers):
+        if (tmp_path / picks.FILE).exists():
+            picks._read(tmp_path / picks.FILE)  # raises on a half-written file
+            reads += 1
+    assert [p.returncode for p in writers] == [0] * 4 and reads > 0
+    kept = {tuple(json.loads(k)[3][4]) for k in picks._read(tmp_path / picks.FILE)}
+    # the last write was some writer's, with all of its own picks (its table holds them all)
+    assert any({(1, 8, w + 1, k + 1) for k in range(40)} <= kept for w in range(4))
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
