@@ -17,7 +17,8 @@ is never used. Delete the file to time everything again: after changing the matc
 code within a version, or where the machine's load has changed for good.
 
 ``DTM_PICK_CACHE`` names the folder of the file (``picks.json``); by default
-``$XDG_CACHE_HOME/dtm-ops``, or ``~/.cache/dtm-ops``; ``off`` keeps the picks in memory only.
+``$XDG_CACHE_HOME/dtm-ops``, or ``~/.cache/dtm-ops`` (none without a home folder); ``off``
+keeps the picks in memory only.
 
 The file is JSON, written whole (:func:`dtm_ops.fileio.atomic_write`) at the end of a
 matcher call that picked, merged with what other processes wrote meanwhile; two processes
@@ -50,14 +51,18 @@ _warned: set[tuple[Path, str]] = set()
 
 
 def path() -> Path | None:
-    """The picks file as ``DTM_PICK_CACHE`` says, or ``None`` where it is ``off``."""
+    """The picks file as ``DTM_PICK_CACHE`` says, or ``None`` where it is ``off``, or where
+    it is unset and there is no cache folder to default to (no home folder, as a service
+    user may have none; a relative ``XDG_CACHE_HOME``, which the XDG spec says to ignore)."""
     raw = os.environ.get(ENV, "").strip()
     if raw.lower() == "off":
         return None
     if raw:
         return Path(raw).expanduser() / FILE
-    cache = os.environ.get("XDG_CACHE_HOME", "").strip() or Path.home() / ".cache"
-    return Path(cache) / "dtm-ops" / FILE
+    cache = Path(os.environ.get("XDG_CACHE_HOME", "").strip())
+    if not cache.is_absolute():
+        cache = Path(os.path.expanduser("~")) / ".cache"  # "~" itself where there is no home
+    return cache / "dtm-ops" / FILE if cache.is_absolute() else None
 
 
 def recall(key: tuple) -> tuple[str, float] | None:

@@ -71,6 +71,10 @@ def test_the_file_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert picks.path() == tmp_path / "home" / ".cache" / "dtm-ops" / "picks.json"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # not absolute: ignored
+    assert picks.path() == tmp_path / "home" / ".cache" / "dtm-ops" / "picks.json"
+    monkeypatch.setattr(picks.os.path, "expanduser", lambda p: p)  # no home folder: "~" stays "~"
+    assert picks.path() is None
 
 
 def test_off_keeps_nothing(monkeypatch, tmp_path):
