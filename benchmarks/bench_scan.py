@@ -83,8 +83,8 @@ def queries(n: int, scales: int, channels: int, centred: bool = False, mixed: bo
 def matcher_alone(store: FeatureStore, shards, prepared: list[PreparedQuery], searcher: Searcher,
                   batch_frames: int) -> float:
     """Seconds for the scan's per-batch work over all frames, the features already in memory:
-    the dtype change as the scan makes it (:func:`dtm_ops.transfer.feed`), then the scan's
-    own per-batch matcher (:meth:`dtm_ops.search.Searcher.batch_matcher`)."""
+    the dtype change where the scan makes one (:func:`dtm_ops.transfer.feed`), then the
+    scan's own per-batch matcher (:meth:`dtm_ops.search.Searcher.batch_matcher`)."""
     from dtm_ops.transfer import feed
 
     device = searcher.device
@@ -92,6 +92,7 @@ def matcher_alone(store: FeatureStore, shards, prepared: list[PreparedQuery], se
     feats = [(f.to(device), v.to(device)) for _, f, v in store.iter_shards(shards)]
     templates = [t.features.to(device, dtype) for p in prepared for t in p.templates]
     match = searcher.batch_matcher(templates, prepared[0].lake_mean)
+    fed = searcher.feed_dtype(prepared[0].lake_mean)  # as the scan's batches reach the matcher
 
     def batches():
         for f, v in feats:
@@ -99,7 +100,7 @@ def matcher_alone(store: FeatureStore, shards, prepared: list[PreparedQuery], se
                 yield None, f[s : s + batch_frames], v[s : s + batch_frames]
 
     def run() -> None:
-        for _, f, v in feed(batches(), device, dtype):
+        for _, f, v in feed(batches(), device, fed):
             match(f, v)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -109,13 +110,14 @@ def matcher_alone(store: FeatureStore, shards, prepared: list[PreparedQuery], se
 
 
 def fresh_copies(fn):
-    """``fn()`` with the scan's CPU feeder converting each batch into a fresh tensor, as it
-    did before :func:`dtm_ops.transfer.feed` reused one buffer."""
+    """``fn()`` with the scan's CPU feeder converting each batch into a fresh float32 tensor,
+    as it did before :func:`dtm_ops.transfer.feed` reused one buffer and before the matcher
+    converted fp16 features itself, a chunk at a time."""
     import dtm_ops.search
 
     def fresh(batches, device, dtype):
         for meta, features, valid in batches:
-            yield meta, features.to(dtype), valid
+            yield meta, features.to(torch.float32), valid
 
     kept, dtm_ops.search.feed = dtm_ops.search.feed, fresh
     try:

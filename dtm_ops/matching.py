@@ -20,6 +20,7 @@ positions that break the rule hold ``-inf``.
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from collections.abc import Sequence
 
@@ -105,6 +106,13 @@ MAX_PRODUCT_BYTES = 512 << 20
 CPU_CHUNK_BYTES = 8 << 20
 CPU_CHUNK_PAIRS = 32
 
+#: On the CPU, half-precision features are matched in float32 (:func:`compute_dtype`),
+#: converted a chunk of frames of about this many float32 bytes at a time, right before
+#: their GEMM reads them, so that they are read from cache and not from memory (8 frames of
+#: 112x30x40). The one-query scan from a local folder ran 1.35x as fast as with each
+#: 32-frame step converted whole first, ``epyc/scan-cpu-fused-convert-ab.txt``.
+CPU_CONVERT_BYTES = 4 << 20
+
 #: How a group of same-size templates is matched (:func:`patchwise_cosine`'s ``method``).
 METHODS = ("auto", "fold", "slices", "conv")
 
@@ -181,17 +189,63 @@ def _group_products(
     m, _, h, w = group.shape
     oh, ow = map_shape((H, W), (h, w))
     r0, c0 = h - 1 - h // 2, w - 1 - w // 2  # the position with top-left (-(h//2), -(w//2))
-    out = features.new_empty(n, m, oh, ow)
-    pair_bytes = H * W * h * w * features.element_size()
+    out = group.new_empty(n, m, oh, ow)
+    pair_bytes = H * W * h * w * group.element_size()
     if features.device.type == "cpu":
         max_bytes = min(max_bytes, max(CPU_CHUNK_BYTES, CPU_CHUNK_PAIRS * pair_bytes))
     for fs, ts in product_chunks(n, m, pair_bytes, max_bytes):
         part = group[ts]
         cells = template_cells(part, flip=True)
-        prod = torch.matmul(cells, features[fs].reshape(-1, c, H * W))  # [n', m'*h*w, H*W]
+        prod = _products(cells, features[fs])  # [n', m'*h*w, H*W]
         sums = shifted_sum(prod, len(part), (H, W), (h, w))  # [n', m', H+h-1, W+w-1]
         out[fs, ts] = sums[:, :, r0 : r0 + oh, c0 : c0 + ow]
     return out
+
+
+def _products(cells: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """``cells (Tensor[k, C]) @ features (Tensor[n, C, H, W])`` per frame: ``Tensor[n, k, H*W]``
+    in the cells' dtype. Features of another dtype (half precision on the CPU) are converted
+    :data:`CPU_CONVERT_BYTES` at a time, each chunk multiplied while still in cache."""
+    n, c, H, W = features.shape
+    if features.dtype == cells.dtype:
+        return torch.matmul(cells, features.reshape(n, c, H * W))
+    prod = cells.new_empty(n, cells.shape[0], H * W)
+    step = _convert_frames(n, c * H * W * cells.element_size())
+    chunk = _convert_buffer(step * c * H * W, cells.dtype, cells.device)
+    for s in range(0, n, step):
+        part = features[s : s + step].reshape(-1, c, H * W)
+        torch.matmul(cells, chunk[: part.numel()].view(part.shape).copy_(part), out=prod[s : s + step])
+    return prod
+
+
+def _convert_frames(n: int, frame_bytes: int) -> int:
+    """Frames converted and multiplied at a time, of ``n``: about :data:`CPU_CONVERT_BYTES`
+    worth, the same number in each chunk, a multiple of torch's threads. With an odd
+    number of frames to a chunk on the 2-core CPU (7, from 4 MiB of 112x30x40 frames), the
+    one-query scan ran at 0.74-0.77x of the unchunked conversion; with 4, 6, 8 or 10 at
+    1.30-1.38x (``epyc/scan-cpu-fused-convert-ab.txt``): MKL shares a batch of GEMMs out
+    among its threads a whole GEMM each."""
+    threads = max(1, torch.get_num_threads())
+    chunks = -(-n // max(1, CPU_CONVERT_BYTES // frame_bytes))
+    step = -(-n // chunks)
+    return min(n, -(-step // threads) * threads)
+
+
+_buffers = threading.local()
+
+
+def _convert_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat tensor of at least ``numel`` elements, this thread's own, kept from call to
+    call: a fresh one each call could be mapped and zero-filled afresh by the allocator (4
+    MiB, 16 page faults' worth of zeroing per chunk), which made the conversion cost more
+    than it saved in some runs."""
+    key = (dtype, device)
+    have = getattr(_buffers, "by_kind", None)
+    if have is None:
+        have = _buffers.by_kind = {}
+    if key not in have or have[key].numel() < numel:
+        have[key] = torch.empty(numel, dtype=dtype, device=device)
+    return have[key]
 
 
 def _group_conv(features: torch.Tensor, group: torch.Tensor, max_bytes: int = MAX_PRODUCT_BYTES) -> torch.Tensor:
@@ -204,7 +258,7 @@ def _group_conv(features: torch.Tensor, group: torch.Tensor, max_bytes: int = MA
     measured: 0.71-0.87x of this on the 2-core CPU (``matcher-cpu-conv-layouts.txt``), and
     0.83-1.01x of plain fp16 conv2d with 64 templates of one size on an H200."""
     h, w = group.shape[2:]
-    return nn.functional.conv2d(features, group, padding=(h // 2, w // 2))
+    return nn.functional.conv2d(features.to(group.dtype), group, padding=(h // 2, w // 2))
 
 
 _GROUP_METHODS = {
@@ -311,13 +365,25 @@ def _size_groups(
     features: torch.Tensor, templates: Sequence[torch.Tensor], valid: torch.Tensor | None
 ) -> tuple[torch.Tensor, list[tuple[tuple[int, int], list[int], torch.Tensor]]]:
     """``valid`` on the features' device (default: the full grid), and the templates by
-    size: ``((h, w), indices, group Tensor[m, C, h, w] in the features' dtype)``."""
+    size: ``((h, w), indices, group Tensor[m, C, h, w] in compute_dtype(features))``."""
     valid = _valid(features, valid)
     by_size: dict[tuple[int, int], list[int]] = {}
     for k, t in enumerate(templates):
         by_size.setdefault((int(t.shape[1]), int(t.shape[2])), []).append(k)
-    groups = [(size, idx, torch.stack([templates[k] for k in idx]).to(features.dtype)) for size, idx in by_size.items()]
+    dtype = compute_dtype(features)
+    groups = [(size, idx, torch.stack([templates[k] for k in idx]).to(dtype)) for size, idx in by_size.items()]
     return valid, groups
+
+
+def compute_dtype(features: torch.Tensor) -> torch.dtype:
+    """The dtype templates are matched in: the features' own, except float32 for float16
+    or bfloat16 features on the CPU, which has no fast half-precision GEMM (about 20 times
+    slower than float32 on the 2-core CPU, ``epyc/scan-cpu-fused-convert-ab.txt``). Those are converted a
+    chunk of frames at a time as they are matched (:data:`CPU_CONVERT_BYTES`), which is
+    exact: the maps are those of ``features.float()``."""
+    if features.device.type == "cpu" and features.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return features.dtype
 
 
 def _valid(features: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -367,9 +433,10 @@ def patchwise_cosine(
     Returns:
         list of Tensor[N, oh_k, ow_k] (float32): one map per template, see :func:`map_shape`.
 
-    Templates of one size are matched together. fp16 inputs multiply in fp16 with fp32
-    accumulation; the sums over template cells are fp16 and the means fp32 (the error
-    stays within fp16 tolerance of the reference). When the products of ``"fold"`` or
+    Templates of one size are matched together. On CUDA, fp16 inputs multiply in fp16
+    with fp32 accumulation; the sums over template cells are fp16 and the means fp32 (the
+    error stays within fp16 tolerance of the reference). On the CPU, fp16 features are
+    matched in float32 (:func:`compute_dtype`), exactly as ``features.float()``. When the products of ``"fold"`` or
     ``"slices"`` would exceed ``max_bytes`` (many queries, large scales), templates and
     frames go in chunks (:func:`product_chunks`): the maps are the same.
     """

@@ -328,7 +328,7 @@ class Searcher:
                     yield (entry, sl), feats[sl], valid[sl]
 
         match = self.batch_matcher(tfeats, lake_mean)
-        for (entry, sl), f, v in feed(batches(), self.device, self._dtype()):
+        for (entry, sl), f, v in feed(batches(), self.device, self.feed_dtype(lake_mean)):
             score, rows, cols = match(f, v)  # each [T, n]
             cos, rows, cols = score.double().cpu(), rows.cpu(), cols.cpu()
             z = (cos - mu[:, None]) / sigma[:, None]
@@ -353,6 +353,15 @@ class Searcher:
 
     def _dtype(self) -> torch.dtype:
         return torch.float16 if self.device.type == "cuda" else torch.float32
+
+    def feed_dtype(self, lake_mean: torch.Tensor | None) -> torch.dtype | None:
+        """The dtype the scan's batches reach the matcher in (:func:`dtm_ops.transfer.feed`):
+        float16 on CUDA; on the CPU, as stored (``None``), the matcher converting fp16 a
+        chunk of frames at a time as it reads them (:func:`dtm_ops.matching.compute_dtype`),
+        or float32 where the batches are centred first (``lake_mean``): centring computes."""
+        if self.device.type == "cuda" or lake_mean is not None:
+            return self._dtype()
+        return None
 
     def _collect(self, prepared, frames: Sequence[FrameEntry], z, cos, rows, cols, heaps) -> None:
         """Push this batch's frames into each query's top-k.

@@ -306,3 +306,55 @@ def test_size_groups_at_uneven_places_land_in_their_own_rows():
                                    torch.tensor(valid), method="fold")
     np.testing.assert_allclose(score.double().numpy(), want, atol=1e-5, rtol=0)
     assert (row.numpy() == at[..., 0]).all() and (col.numpy() == at[..., 1]).all()
+
+
+@pytest.mark.parametrize("method", ["fold", "slices", "conv", "fft", "auto"])
+def test_fp16_features_on_the_cpu_are_matched_as_their_float32_values(monkeypatch, method):
+    """On the CPU, fp16 features are matched in float32 (compute_dtype), converted a chunk
+    of frames at a time (here 2 of the 5, by a small CPU_CONVERT_BYTES): the results of
+    the float32 values of the features, to float32 rounding (the GEMMs of 2 frames and of
+    5 may add in another order; ``auto`` may pick another method for the other dtype)."""
+    monkeypatch.setattr(matching, "CPU_CONVERT_BYTES", 2 * 8 * 6 * 7 * 4)
+    monkeypatch.setattr(matching.torch, "get_num_threads", lambda: 1)  # chunks of 2, whatever the machine
+    chunks = []
+    products = matching._products
+    monkeypatch.setattr(matching, "_products", lambda c, f: chunks.append((f.dtype, len(f))) or products(c, f))
+    matmul = torch.matmul
+    monkeypatch.setattr(matching.torch, "matmul", lambda a, b, **k: chunks.append(("matmul", b.dtype, len(b)))
+                        or matmul(a, b, **k))
+    g = torch.Generator().manual_seed(3)
+    feats = torch.nn.functional.normalize(torch.randn(5, 8, 6, 7, generator=g), dim=1).half()
+    temps = [torch.nn.functional.normalize(torch.randn(8, h, w, generator=g), dim=0)
+             for h, w in [(2, 3), (3, 3), (1, 1), (2, 3)]]
+    valid = torch.tensor([[6, 7], [5, 7], [6, 5], [4, 4], [6, 7]])
+    assert matching.compute_dtype(feats) == torch.float32
+    got = best_matches(feats, temps, valid, method=method)
+    if method in ("fold", "slices"):  # each group's 5 frames multiplied 2, 2 and 1 at a time, in float32
+        groups = len({t.shape for t in temps})
+        assert chunks[:4] == [(torch.float16, 5), ("matmul", torch.float32, 2), ("matmul", torch.float32, 2),
+                              ("matmul", torch.float32, 1)]
+        assert chunks.count((torch.float16, 5)) == groups
+    want = best_matches(feats.float(), temps, valid, method=method)
+    assert got[0].dtype == torch.float32
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-6)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])  # the same best positions
+    if method != "fft":
+        for a, b in zip(patchwise_cosine(feats, temps, valid, method=method),
+                        patchwise_cosine(feats.float(), temps, valid, method=method)):
+            assert a.dtype == torch.float32
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("n, budget_frames, threads, step", [
+    (32, 7.8, 2, 8),  # 4 MiB of 112x30x40 float32 frames: 5 chunks of 6.4 -> 4 of 8, not 7 (odd: slow)
+    (32, 7.8, 1, 7),  # one thread: 5 chunks of 7 (the last 4)
+    (32, 16, 4, 16),
+    (32, 3, 4, 4),  # at least one frame a thread
+    (5, 8, 2, 5),  # fewer than the budget: one chunk, whatever its parity
+    (2, 0.5, 2, 2),  # a frame over the budget: one at a time, rounded up to the threads
+])
+def test_frames_converted_at_a_time(monkeypatch, n, budget_frames, threads, step):
+    frame_bytes = 112 * 30 * 40 * 4
+    monkeypatch.setattr(matching, "CPU_CONVERT_BYTES", int(budget_frames * frame_bytes))
+    monkeypatch.setattr(matching.torch, "get_num_threads", lambda: threads)
+    assert matching._convert_frames(n, frame_bytes) == step

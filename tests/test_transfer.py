@@ -23,6 +23,15 @@ def test_feed_keeps_order_and_values_and_converts_dtype():
     assert list(feed(iter([]), torch.device("cpu"), torch.float32)) == []
 
 
+def test_feed_without_a_dtype_passes_batches_as_they_come():
+    """The CPU scan's batches when it does not centre them: the matcher converts fp16 itself."""
+    batches = [(i, torch.randn(2, 3, 4, 5).to(dtype), torch.tensor([[4, 5]] * 2))
+               for i, dtype in enumerate([torch.float16, torch.float32, torch.float16])]
+    out = list(feed(iter(batches), torch.device("cpu"), None))
+    assert [m for m, _, _ in out] == [0, 1, 2]
+    assert all(f is f0 and v is v0 for (_, f, v), (_, f0, v0) in zip(out, batches))
+
+
 def test_frames_per_step_by_device():
     """The scan's step: as given; else 32 frames on the CPU, and on CUDA as many frames as
     hold 512 MiB of float16 features, at most 1024 (counts worked out by hand)."""
