@@ -109,8 +109,9 @@ CPU_CHUNK_PAIRS = 32
 #: On the CPU, half-precision features are matched in float32 (:func:`compute_dtype`),
 #: converted a chunk of frames of about this many float32 bytes at a time, right before
 #: their GEMM reads them, so that they are read from cache and not from memory (8 frames of
-#: 112x30x40). The one-query scan from a local folder ran 1.35x as fast as with each
-#: 32-frame step converted whole first, ``epyc/scan-cpu-fused-convert-ab.txt``.
+#: 112x30x40). The one-query scan from a local folder ran 1.26x as fast (best of 8; 1.37x
+#: by median) as with each 32-frame step converted whole first,
+#: ``epyc/scan-cpu-fused-convert-ab.txt``.
 CPU_CONVERT_BYTES = 4 << 20
 
 #: How a group of same-size templates is matched (:func:`patchwise_cosine`'s ``method``).
@@ -236,9 +237,7 @@ _buffers = threading.local()
 
 def _convert_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A flat tensor of at least ``numel`` elements, this thread's own, kept from call to
-    call: a fresh one each call could be mapped and zero-filled afresh by the allocator (4
-    MiB, 16 page faults' worth of zeroing per chunk), which made the conversion cost more
-    than it saved in some runs."""
+    call: one allocation a thread for the chunks' conversions, not one a chunk."""
     key = (dtype, device)
     have = getattr(_buffers, "by_kind", None)
     if have is None:
@@ -378,9 +377,10 @@ def _size_groups(
 def compute_dtype(features: torch.Tensor) -> torch.dtype:
     """The dtype templates are matched in: the features' own, except float32 for float16
     or bfloat16 features on the CPU, which has no fast half-precision GEMM (about 20 times
-    slower than float32 on the 2-core CPU, ``epyc/scan-cpu-fused-convert-ab.txt``). Those are converted a
-    chunk of frames at a time as they are matched (:data:`CPU_CONVERT_BYTES`), which is
-    exact: the maps are those of ``features.float()``."""
+    slower than float32 on the 2-core CPU, ``epyc/scan-cpu-fused-convert-ab.txt``). Those
+    are converted a chunk of frames at a time as they are matched
+    (:data:`CPU_CONVERT_BYTES`); the conversion is exact, so the maps are those of
+    ``features.float()`` up to the order of float32 additions."""
     if features.device.type == "cpu" and features.dtype in (torch.float16, torch.bfloat16):
         return torch.float32
     return features.dtype
@@ -436,9 +436,10 @@ def patchwise_cosine(
     Templates of one size are matched together. On CUDA, fp16 inputs multiply in fp16
     with fp32 accumulation; the sums over template cells are fp16 and the means fp32 (the
     error stays within fp16 tolerance of the reference). On the CPU, fp16 features are
-    matched in float32 (:func:`compute_dtype`), exactly as ``features.float()``. When the products of ``"fold"`` or
-    ``"slices"`` would exceed ``max_bytes`` (many queries, large scales), templates and
-    frames go in chunks (:func:`product_chunks`): the maps are the same.
+    matched in float32 (:func:`compute_dtype`), as ``features.float()`` would be. When the
+    products of ``"fold"`` or ``"slices"`` would exceed ``max_bytes`` (many queries, large
+    scales), templates and frames go in chunks (:func:`product_chunks`): the maps are the
+    same.
     """
     _check(features, templates, valid)
     if method not in METHODS:
