@@ -27,6 +27,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from dtm_ops import picks  # light: no torch at import
+
 
 def map_shape(grid: tuple[int, int], template: tuple[int, int]) -> tuple[int, int]:
     """Shape of the similarity map of an ``h x w`` template over an ``H x W`` grid."""
@@ -288,8 +290,6 @@ def _known(key: tuple, methods) -> bool:
     by an earlier one on this machine (:func:`dtm_ops.picks.recall`), which is then
     remembered here too. A kept pick this process does not have (Triton's ``"shift"``
     where Triton is missing) is timed anew."""
-    from dtm_ops import picks
-
     if key in _picked:
         return True
     kept = picks.recall(key)
@@ -301,8 +301,6 @@ def _known(key: tuple, methods) -> bool:
 
 def _settle(key: tuple, method: str, seconds: float) -> None:
     """Remember ``method`` for ``key``, here and on disk (:func:`dtm_ops.picks.remember`)."""
-    from dtm_ops import picks
-
     _picked[key], _pick_times[key] = method, seconds
     picks.remember(key, method, seconds)
 
@@ -399,8 +397,6 @@ def _keeps_picks(fn):
     """``fn``, writing the picks it made to disk as it returns (:func:`dtm_ops.picks.flush`)."""
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        from dtm_ops import picks
-
         try:
             return fn(*args, **kwargs)
         finally:
