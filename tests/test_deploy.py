@@ -95,3 +95,31 @@ def test_mapped_scan_tasks_stay_bounded_as_the_lake_grows():
         # largest-first into the lightest group: no group carries more than one shard over another
         assert max(loads) - min(loads) <= max(sizes)
         print(f"{frames:>10} frames, {n_shards:>6} shards -> {len(groups)} tasks (planned in {took * 1000:.0f} ms)")
+
+
+def test_workers_keep_the_matchers_picks_in_a_volume_the_image_prepares(compose, monkeypatch):
+    """A recreated worker container reads the method picks its predecessors timed
+    (``dtm_ops/picks.py``) instead of timing every method again in each mapped task: both
+    images point ``DTM_PICK_CACHE`` at a folder the airflow user owns, and both workers mount
+    a named volume there (a fresh named volume takes the folder's owner from the image)."""
+    from dtm_ops import picks
+
+    folders = set()
+    for name in ("Dockerfile", "Dockerfile.gpu"):
+        text = (DOCKER / name).read_text()
+        folder = re.search(r"^\s+DTM_PICK_CACHE=(\S+?)\s*\\?$", text, re.M).group(1)
+        setup = text[:text.index("USER airflow")]
+        assert re.search(r'mkdir -p [^\n]*"\$DTM_PICK_CACHE"', setup), f"{name}: the pick folder is not made"
+        assert re.search(r'chown -R airflow [^\n]*"\$DTM_PICK_CACHE"', setup), f"{name}: not the airflow user's"
+        folders.add(folder)
+    assert len(folders) == 1, f"the images disagree on DTM_PICK_CACHE: {folders}"
+    (folder,) = folders
+    for name in ("worker-cpu", "worker-gpu"):
+        service = compose["services"][name]
+        env = service.get("environment", {})
+        assert env.get("DTM_PICK_CACHE", folder) == folder, f"{name} points its picks elsewhere"
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in service["volumes"]}
+        assert mounts.get(folder) in compose["volumes"], f"{name} has no named volume at {folder}"
+        assert "/opt/airflow/logs" in mounts, f"{name} lost the shared logs volume"
+    monkeypatch.setenv("DTM_PICK_CACHE", folder)
+    assert picks.path().parent == Path(folder)  # where the workers' processes will write
