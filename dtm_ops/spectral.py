@@ -75,6 +75,7 @@ SPECTRA_MAX_BYTES = 2 << 30
 #: 0.88-0.97x of four's time for 36-144 templates and 0.70x for 288, but 1.08-1.13x for 9
 #: and 16.
 THREE_PRODUCTS_MIN = 32
+
 _spectra: OrderedDict[tuple, tuple[list[weakref.ref], tuple[int, ...], torch.Tensor, int]] = OrderedDict()
 _tokens = itertools.count()
 
@@ -129,10 +130,11 @@ class Plan:
         return self.P * self.qh
 
 
-def _angles(rows: int, cols: int, n: int) -> torch.Tensor:
-    """``Tensor[rows, cols]`` float64: ``2 pi * r * c / n``, reduced mod ``n`` first (exact)."""
+def _angles(rows: int, cols: int, n: int, shift: int = 0) -> torch.Tensor:
+    """``Tensor[rows, cols]`` float64: ``2 pi * r * (c - shift) / n``, reduced mod ``n``
+    first (exact)."""
     r = torch.arange(rows, dtype=torch.int64)[:, None]
-    c = torch.arange(cols, dtype=torch.int64)[None]
+    c = torch.arange(cols, dtype=torch.int64)[None] - shift
     return (r * c % n).double() * (2 * math.pi / n)
 
 
@@ -210,24 +212,36 @@ def template_spectra(templates: Sequence[torch.Tensor], p: Plan) -> torch.Tensor
     Args:
         templates (list of Tensor[C, h_t, w_t]): unit-norm per cell.
 
-    Each template is zero-padded to ``P x Q`` with its cell ``(h // 2, w // 2)`` at the
-    origin, so that the inverse transform puts map index ``(a, b)`` at ``(a, b)``.
+    Each template's spectrum is that of the template zero-padded to ``P x Q`` with its cell
+    ``(h // 2, w // 2)`` at the origin, so that the inverse transform puts map index
+    ``(a, b)`` at ``(a, b)``. It is computed as the DFT of the cells alone: the templates
+    are placed side by side (innermost) on one small canvas with their ``(h // 2, w // 2)``
+    cells on a common cell ``(r0, c0)``, then two GEMMs (each canvas row's DFT with the
+    origin at ``c0``, then each column's at ``r0``, the stored forms folded into its
+    matrix) give every spectrum already in the stored layout. A padded ``rfft2`` per
+    template transformed mostly zeros and wrote its spectrum one strided column at a time:
+    for 144 templates of 112 channels on a 30x40 grid, 0.3-0.5 s of a fresh scan task's
+    first call on the 2-core CPU (``benchmarks/results/speed/epyc/template-spectra-ab.txt``).
     """
     c = templates[0].shape[0]
     T = len(templates)
-    out = torch.empty(p.P, p.qh, c, 2 * T, device=templates[0].device)
-    for k, t in enumerate(templates):
-        h, w = t.shape[1:]
-        pad = t.new_zeros(c, p.P, p.Q, dtype=torch.float32)
-        pad[:, :h, :w] = t
-        spec = torch.fft.rfft2(pad.roll((-(h // 2), -(w // 2)), (1, 2))).conj().permute(1, 2, 0)  # [P, Qh, C]
-        out[:, :, :, k] = spec.real
-        out[:, :, :, T + k] = spec.imag
-    out = out.view(p.frequencies, c, 2 * T)
-    if three_products(T, p.dw.dtype):
-        re, im = out.split(T, dim=2)
-        out = torch.stack([re, im - re, re + im])
-    return out.to(p.dw.dtype)
+    device = templates[0].device
+    sizes = sizes_of(templates)
+    r0, c0 = max(h // 2 for h, _ in sizes), max(w // 2 for _, w in sizes)
+    hc, wc = r0 + max(h - h // 2 for h, _ in sizes), c0 + max(w - w // 2 for _, w in sizes)
+    canvas = torch.zeros(hc, wc, c, T, device=device)
+    for k, (t, (h, w)) in enumerate(zip(templates, sizes)):
+        canvas[r0 - h // 2:r0 - h // 2 + h, c0 - w // 2:c0 - w // 2 + w, :, k] = t.permute(1, 2, 0)
+    a = _angles(p.qh, wc, p.Q, c0)  # [Qh, wc]
+    rows = torch.cat([a.cos(), -a.sin()], 0).to(device, torch.float32)  # re, im of e^(-i angle)
+    y = torch.matmul(rows, canvas.view(hc, wc, c * T)).view(2 * hc, p.qh * c * T)  # [(row, re/im), (Qh, C, T)]
+    a = _angles(p.P, hc, p.P, r0)  # [P, hc]: (cos - i sin) (re + i im), conjugated
+    re = torch.stack([a.cos(), a.sin()], 2).view(p.P, 2 * hc)  # c
+    im = torch.stack([a.sin(), -a.cos()], 2).view(p.P, 2 * hc)  # d
+    three = three_products(T, p.dw.dtype)
+    forms = torch.cat([re, im - re, re + im] if three else [re, im], 0).to(device, torch.float32)
+    out = (forms @ y).view(-1, p.frequencies, c, T)
+    return (out if three else torch.cat([out[0], out[1]], 2)).to(p.dw.dtype)
 
 
 def cached_spectra(templates: Sequence[torch.Tensor], p: Plan) -> torch.Tensor:

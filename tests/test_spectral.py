@@ -314,3 +314,29 @@ def test_spectral_method_on_cuda_equals_the_cpu_reference():
     assert spectral.transform_dtype(x.cuda()) == torch.float16
     got = best_matches(x.cuda(), [t.cuda() for t in temps], valid.cuda(), method="fft")
     _assert_same_best(got, x, temps, valid, atol=3e-4)
+
+
+@pytest.mark.parametrize("three", [False, True])
+def test_template_spectra_equal_the_dft_by_its_definition(monkeypatch, three):
+    """Each template's conjugate spectrum, cell ``(h // 2, w // 2)`` at the origin, summed
+    term by term in float64: templates of mixed sizes, odd and even, one as tall as the
+    grid, on one canvas, in both stored forms (``[c | d]`` and ``(c, d - c, c + d)``)."""
+    torch.manual_seed(6)
+    C, grid = 5, (6, 7)
+    sizes = [(3, 3), (2, 4), (1, 1), (3, 3), (6, 2), (2, 4), (3, 7), (3, 3)]
+    temps = [torch.nn.functional.normalize(torch.randn(C, h, w), dim=0) for h, w in sizes]
+    p = spectral.plan(grid, tuple(sorted(set(sizes))), torch.device("cpu"))
+    monkeypatch.setattr(spectral, "THREE_PRODUCTS_MIN", 1 if three else 1000)
+    got = spectral.template_spectra(temps, p).double()
+    k, l = np.meshgrid(np.arange(p.P), np.arange(p.qh), indexing="ij")
+    want = np.zeros((p.P, p.qh, C, len(temps)), dtype=complex)
+    for n, t in enumerate(temps):
+        h, w = t.shape[1:]
+        for i in range(h):
+            for j in range(w):
+                phase = np.exp(-2j * np.pi * ((i - h // 2) * k / p.P + (j - w // 2) * l / p.Q))
+                want[:, :, :, n] += phase[..., None] * t[:, i, j].double().numpy()
+    want = torch.from_numpy(want.conj()).reshape(p.frequencies, C, len(temps))
+    re, im = want.real, want.imag
+    expect = torch.stack([re, im - re, re + im]) if three else torch.cat([re, im], dim=2)
+    torch.testing.assert_close(got, expect, atol=1e-5, rtol=0)
