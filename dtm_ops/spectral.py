@@ -76,6 +76,10 @@ SPECTRA_MAX_BYTES = 2 << 30
 #: and 16.
 THREE_PRODUCTS_MIN = 32
 
+#: Bytes of float32 spectra :func:`template_spectra` makes at a time before it stores them
+#: as ``[c | d]`` (in the forward dtype): the rows of frequencies of a block.
+SPECTRA_BLOCK_BYTES = 64 << 20
+
 _spectra: OrderedDict[tuple, tuple[list[weakref.ref], tuple[int, ...], torch.Tensor, int]] = OrderedDict()
 _tokens = itertools.count()
 
@@ -218,10 +222,12 @@ def template_spectra(templates: Sequence[torch.Tensor], p: Plan) -> torch.Tensor
     are placed side by side (innermost) on one small canvas with their ``(h // 2, w // 2)``
     cells on a common cell ``(r0, c0)``, then two GEMMs (each canvas row's DFT with the
     origin at ``c0``, then each column's at ``r0``, the stored forms folded into its
-    matrix) give every spectrum already in the stored layout. A padded ``rfft2`` per
-    template transformed mostly zeros and wrote its spectrum one strided column at a time:
-    for 144 templates of 112 channels on a 30x40 grid, 0.3-0.5 s of a fresh scan task's
-    first call on the 2-core CPU (``benchmarks/results/speed/epyc/template-spectra-ab.txt``).
+    matrix) give every spectrum in the stored layout: the three-product form written in
+    place, ``[c | d]`` a block of frequency rows at a time (:data:`SPECTRA_BLOCK_BYTES`).
+    A padded ``rfft2`` per template transformed mostly zeros and wrote its spectrum one
+    strided column at a time: for 144 templates of 112 channels on a 30x40 grid, 0.41-0.45 s
+    of a fresh scan task's first call on the 2-core CPU, 0.19-0.22 s now
+    (``benchmarks/results/speed/epyc/template-spectra-ab.txt``).
     """
     c = templates[0].shape[0]
     T = len(templates)
@@ -233,15 +239,24 @@ def template_spectra(templates: Sequence[torch.Tensor], p: Plan) -> torch.Tensor
     for k, (t, (h, w)) in enumerate(zip(templates, sizes)):
         canvas[r0 - h // 2:r0 - h // 2 + h, c0 - w // 2:c0 - w // 2 + w, :, k] = t.permute(1, 2, 0)
     a = _angles(p.qh, wc, p.Q, c0)  # [Qh, wc]
-    rows = torch.cat([a.cos(), -a.sin()], 0).to(device, torch.float32)  # re, im of e^(-i angle)
-    y = torch.matmul(rows, canvas.view(hc, wc, c * T)).view(2 * hc, p.qh * c * T)  # [(row, re/im), (Qh, C, T)]
+    along_rows = torch.cat([a.cos(), -a.sin()], 0).to(device, torch.float32)  # re, im of e^(-i angle)
+    y = torch.matmul(along_rows, canvas.view(hc, wc, c * T)).view(2 * hc, p.qh * c * T)  # [(row, re/im), (Qh, C, T)]
+    del canvas
     a = _angles(p.P, hc, p.P, r0)  # [P, hc]: (cos - i sin) (re + i im), conjugated
     re = torch.stack([a.cos(), a.sin()], 2).view(p.P, 2 * hc)  # c
     im = torch.stack([a.sin(), -a.cos()], 2).view(p.P, 2 * hc)  # d
-    three = three_products(T, p.dw.dtype)
-    forms = torch.cat([re, im - re, re + im] if three else [re, im], 0).to(device, torch.float32)
-    out = (forms @ y).view(-1, p.frequencies, c, T)
-    return (out if three else torch.cat([out[0], out[1]], 2)).to(p.dw.dtype)
+    if three_products(T, p.dw.dtype):  # fp32: the GEMM writes the stored form in place
+        out = torch.empty(3, p.frequencies, c, T, device=device)
+        torch.matmul(torch.cat([re, im - re, re + im]).to(device, torch.float32), y, out=out.view(3 * p.P, -1))
+        return out
+    out = torch.empty(p.frequencies, c, 2 * T, device=device, dtype=p.dw.dtype)
+    forms = torch.stack([re, im]).to(device, torch.float32)  # [2, P, 2hc]
+    step = max(1, SPECTRA_BLOCK_BYTES // (2 * p.qh * c * T * 4))
+    for k0 in range(0, p.P, step):  # blocks of frequency rows: no more than the stored spectra at once
+        z = (forms[:, k0:k0 + step] @ y).view(2, -1, c, T)
+        ks = slice(k0 * p.qh, k0 * p.qh + z.shape[1])
+        out[ks, :, :T], out[ks, :, T:] = z
+    return out
 
 
 def cached_spectra(templates: Sequence[torch.Tensor], p: Plan) -> torch.Tensor:

@@ -316,18 +316,26 @@ def test_spectral_method_on_cuda_equals_the_cpu_reference():
     _assert_same_best(got, x, temps, valid, atol=3e-4)
 
 
-@pytest.mark.parametrize("three", [False, True])
-def test_template_spectra_equal_the_dft_by_its_definition(monkeypatch, three):
+@pytest.mark.parametrize("form", ["four", "three", "fp16"])
+@pytest.mark.parametrize("block_rows", [1, 4, None])
+def test_template_spectra_equal_the_dft_by_its_definition(monkeypatch, form, block_rows):
     """Each template's conjugate spectrum, cell ``(h // 2, w // 2)`` at the origin, summed
-    term by term in float64: templates of mixed sizes, odd and even, one as tall as the
-    grid, on one canvas, in both stored forms (``[c | d]`` and ``(c, d - c, c + d)``)."""
+    term by term in float64: templates of mixed sizes, odd and even, on one canvas, in the
+    stored forms (``[c | d]`` in fp32 and in fp16, as a GPU keeps them, and
+    ``(c, d - c, c + d)``), the ``[c | d]`` form made a block of frequency rows at a time
+    (1, 4 with a smaller last block, or all)."""
     torch.manual_seed(6)
     C, grid = 5, (6, 7)
     sizes = [(3, 3), (2, 4), (1, 1), (3, 3), (6, 2), (2, 4), (3, 7), (3, 3)]
     temps = [torch.nn.functional.normalize(torch.randn(C, h, w), dim=0) for h, w in sizes]
-    p = spectral.plan(grid, tuple(sorted(set(sizes))), torch.device("cpu"))
-    monkeypatch.setattr(spectral, "THREE_PRODUCTS_MIN", 1 if three else 1000)
-    got = spectral.template_spectra(temps, p).double()
+    dtype = torch.float16 if form == "fp16" else torch.float32
+    p = spectral.plan(grid, tuple(sorted(set(sizes))), torch.device("cpu"), dtype)
+    monkeypatch.setattr(spectral, "THREE_PRODUCTS_MIN", 1 if form == "three" else 1000)
+    row_bytes = 2 * p.qh * C * len(temps) * 4
+    monkeypatch.setattr(spectral, "SPECTRA_BLOCK_BYTES", row_bytes * (block_rows or p.P))
+    assert block_rows != 4 or p.P % 4  # the last block is smaller
+    got = spectral.template_spectra(temps, p)
+    assert got.dtype == dtype
     k, l = np.meshgrid(np.arange(p.P), np.arange(p.qh), indexing="ij")
     want = np.zeros((p.P, p.qh, C, len(temps)), dtype=complex)
     for n, t in enumerate(temps):
@@ -338,5 +346,5 @@ def test_template_spectra_equal_the_dft_by_its_definition(monkeypatch, three):
                 want[:, :, :, n] += phase[..., None] * t[:, i, j].double().numpy()
     want = torch.from_numpy(want.conj()).reshape(p.frequencies, C, len(temps))
     re, im = want.real, want.imag
-    expect = torch.stack([re, im - re, re + im]) if three else torch.cat([re, im], dim=2)
-    torch.testing.assert_close(got, expect, atol=1e-5, rtol=0)
+    expect = torch.stack([re, im - re, re + im]) if form == "three" else torch.cat([re, im], dim=2)
+    torch.testing.assert_close(got.double(), expect, atol=1e-5 if dtype == torch.float32 else 4e-3, rtol=0)
