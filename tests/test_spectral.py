@@ -336,13 +336,13 @@ def test_template_spectra_equal_the_dft_by_its_definition(monkeypatch, form, blo
     assert block_rows != 4 or p.P % 4  # the last block is smaller
     got = spectral.template_spectra(temps, p)
     assert got.dtype == dtype
-    k, l = np.meshgrid(np.arange(p.P), np.arange(p.qh), indexing="ij")
+    rows, cols = np.meshgrid(np.arange(p.P), np.arange(p.qh), indexing="ij")  # frequencies
     want = np.zeros((p.P, p.qh, C, len(temps)), dtype=complex)
     for n, t in enumerate(temps):
         h, w = t.shape[1:]
         for i in range(h):
             for j in range(w):
-                phase = np.exp(-2j * np.pi * ((i - h // 2) * k / p.P + (j - w // 2) * l / p.Q))
+                phase = np.exp(-2j * np.pi * ((i - h // 2) * rows / p.P + (j - w // 2) * cols / p.Q))
                 want[:, :, :, n] += phase[..., None] * t[:, i, j].double().numpy()
     want = torch.from_numpy(want.conj()).reshape(p.frequencies, C, len(temps))
     re, im = want.real, want.imag
