@@ -20,6 +20,7 @@ positions that break the rule hold ``-inf``.
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -28,6 +29,8 @@ import torch
 from torch import nn
 
 from dtm_ops import picks  # light: no torch at import
+
+log = logging.getLogger(__name__)
 
 
 def map_shape(grid: tuple[int, int], template: tuple[int, int]) -> tuple[int, int]:
@@ -273,16 +276,42 @@ def _fastest(key: tuple, candidates: dict, args: tuple, warm_up: tuple):
     """Run the remembered pick for ``key``, or time every candidate on ``args`` (after a
     run on ``warm_up``, one frame: library set-up is not a method's cost), remember the
     fastest and its time, and return its result. ``args[0]`` is the features. Picks are
-    also kept on disk for later processes (:mod:`dtm_ops.picks`)."""
+    also kept on disk for later processes (:mod:`dtm_ops.picks`). A candidate that cannot
+    run here (:func:`cannot_run`: out of memory, no kernel) is logged and left out; where
+    none can, the first one's error is raised."""
     if _known(key, candidates):
         return candidates[_picked[key]](*args)
-    best = None
+    best, failed = None, None
     for name, fn in candidates.items():
-        took, out = _timed(fn, args, warm_up, SURE_SLOWER * best[0] if best else float("inf"))
+        try:
+            took, out = _timed(fn, args, warm_up, SURE_SLOWER * best[0] if best else float("inf"))
+        except Exception as e:
+            if not cannot_run(e):
+                raise
+            _log_failed(name, key, e)
+            failed = failed or e
+            continue
         if best is None or took < best[0]:
             best = (took, name, out)
+    if best is None:
+        raise failed
     _settle(key, best[1], best[0])
     return best[2]
+
+
+def cannot_run(error: Exception) -> bool:
+    """Whether ``error``, raised by a method while ``auto`` timed it, says that this device
+    cannot run that method on these inputs (out of memory, no kernel for the dtype or
+    layout, a library's refusal, a Triton kernel that does not compile for this GPU), so
+    that the others are picked from instead. Errors of the call itself (``TypeError``,
+    ``ValueError``, ...) are raised as they are."""
+    return isinstance(error, (RuntimeError, NotImplementedError, MemoryError)) or type(error).__module__.startswith(
+        "triton")
+
+
+def _log_failed(name: str, key: tuple, error: Exception) -> None:
+    log.warning("auto: method %r cannot run for %s (%s: %s); picking among the others", name, key[:5],
+                type(error).__name__, str(error).splitlines()[0] if str(error) else "")
 
 
 def _known(key: tuple, methods) -> bool:
@@ -514,8 +543,17 @@ def _pick_set(
     the spectral method; the first call now takes 1.7 s (18 s before), with the same pick."""
     from dtm_ops import spectral
 
-    took, out = _timed(lambda f, v: spectral.best_matches(f, templates, v, max_bytes),
-                       (features, valid), (features[:1], valid[:1]))
+    try:
+        took, out = _timed(lambda f, v: spectral.best_matches(f, templates, v, max_bytes),
+                           (features, valid), (features[:1], valid[:1]))
+    except Exception as e:
+        if not cannot_run(e):
+            raise
+        _log_failed("fft", key, e)
+        start = time.perf_counter()
+        groups = _best_by_groups(features, templates, valid, max_bytes, "auto")
+        _settle(key, "groups", time.perf_counter() - start)
+        return groups
     budget = _Budget(took)
     try:
         groups = _best_by_groups(features, templates, valid, max_bytes, "auto", budget)

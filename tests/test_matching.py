@@ -201,6 +201,82 @@ def test_a_method_clearly_slower_than_the_best_so_far_is_timed_once(monkeypatch)
     assert list(matching._pick_times.values()) == [min(cost.values())]
 
 
+class CompilationError(Exception):
+    """As Triton raises for a kernel that does not compile for a GPU."""
+
+
+CompilationError.__module__ = "triton.compiler.errors"
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB"),
+                                   NotImplementedError("no kernel for 'Half'"), CompilationError("at 12:4: bad"),
+                                   TypeError("a bug in the call")])
+def test_auto_leaves_out_a_method_that_cannot_run_here_and_says_so(monkeypatch, caplog, error):
+    """A method that raises while it is timed because the device cannot run it (out of
+    memory, no kernel) is logged by name and not picked; the others' pick gives the
+    reference loop's result. An error of the call itself (a TypeError) is raised."""
+    ran = []
+
+    def broken(f, g, b):
+        ran.append(len(f))
+        raise error
+
+    monkeypatch.setitem(matching._GROUP_METHODS, "slices", broken)
+    monkeypatch.setattr(matching, "_picked", {})
+    rng = np.random.default_rng(3)
+    valid = [(6, 7), (5, 7), (6, 4)]
+    feats = _zero_invalid(np.stack([unit_cells(rng, (8, 6, 7)) for _ in valid]), valid)
+    temps = [unit_cells(rng, (8, 2, 3)), unit_cells(rng, (8, 3, 3))]
+    args = (torch.from_numpy(feats).float(), [torch.from_numpy(t).float() for t in temps], torch.tensor(valid))
+    if isinstance(error, TypeError):
+        with pytest.raises(TypeError, match="a bug in the call"):
+            best_matches(*args)
+        return
+    with caplog.at_level("WARNING", logger="dtm_ops.matching"):
+        score, row, col = best_matches(*args)
+    assert ran == [1, 1]  # each size group tried it once (its warm-up on one frame) and left it out
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and all("'slices' cannot run" in s and str(error).split(".")[0] in s for s in said)
+    assert "slices" not in matching._picked.values() and len(matching._picked) == 2
+    want, at = _best_reference(feats, temps, valid)
+    np.testing.assert_allclose(score.double().numpy(), want, atol=1e-5, rtol=0)
+    assert (row.numpy() == at[..., 0]).all() and (col.numpy() == at[..., 1]).all()
+
+
+def test_auto_raises_the_first_error_when_no_method_can_run(monkeypatch):
+    for k, name in enumerate(matching._GROUP_METHODS):
+        def broken(f, g, b, k=k):
+            raise torch.OutOfMemoryError(f"out of memory in method {k}")
+        monkeypatch.setitem(matching._GROUP_METHODS, name, broken)
+    monkeypatch.setattr(matching, "_picked", {})
+    feats = torch.nn.functional.normalize(torch.randn(2, 8, 6, 7), dim=1)
+    with pytest.raises(torch.OutOfMemoryError, match="in method 0"):
+        best_matches(feats, [torch.nn.functional.normalize(torch.randn(8, 2, 3), dim=0)])
+    assert matching._picked == {}
+
+
+def test_auto_takes_the_size_groups_where_the_spectral_method_cannot_run(monkeypatch, caplog):
+    from dtm_ops import spectral
+
+    def broken(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory (spectra)")
+
+    monkeypatch.setattr(spectral, "best_matches", broken)
+    monkeypatch.setattr(matching, "_picked", {})
+    torch.manual_seed(7)
+    x = torch.nn.functional.normalize(torch.randn(4, 32, 10, 14), dim=1)
+    sizes = [(h, w) for h in (2, 4, 6) for w in (3, 5, 9)]
+    temps = [torch.nn.functional.normalize(torch.randn(32, h, w), dim=0) for h, w in sizes]
+    assert spectral.weighed(torch.float32, (10, 14), 32, sizes, "cpu")
+    with caplog.at_level("WARNING", logger="dtm_ops.matching"):
+        got = best_matches(x, temps)
+    assert ["'fft' cannot run" in r.getMessage() for r in caplog.records] == [True]
+    assert matching.set_picks(temps) == {"groups"}
+    want = best_matches(x.double(), [t.double() for t in temps], method="slices")
+    torch.testing.assert_close(got[0].double(), want[0].double(), atol=1e-5, rtol=0)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+
+
 def _best_reference(feats: np.ndarray, temps: list[np.ndarray], valid) -> tuple[np.ndarray, np.ndarray]:
     """Best score and (row, col) per template and frame from the explicit loop: ``[T, N]``,
     ``[T, N, 2]``; ties to the first position in row-major order (np.argmax)."""
