@@ -108,8 +108,11 @@ class Plan:
         dw (Tensor[2*Qh, W]): forward along rows of cells: ``[cos; -sin]``.
         eh (Tensor[2P, 2H]): forward along columns, complex as real blocks; rows in
             ``(re/im, frequency)`` order, columns in ``(row, re/im)`` order.
-        ih (Tensor[2*hout, P]): inverse along columns, ``[cos; sin] / P``, the map's rows only.
-        iw (Tensor[2*Qh, wout]): inverse along rows to real values (Hermitian weights, ``/ Q``).
+        ih (Tensor[2*hout, 2P]): inverse along columns, complex as real blocks (``(cos + i
+            sin) / P``), the map's rows only; rows in ``(row, re/im)`` order, columns in
+            ``(re/im, frequency)`` order.
+        iw (Tensor[wout, 2*Qh]): inverse along rows to real values (Hermitian weights,
+            ``/ Q``), columns in ``(re/im, frequency)`` order.
 
     ``dw`` and ``eh`` are in the forward transforms' dtype (:func:`transform_dtype`), which
     the frame and template spectra then have; ``ih`` and ``iw`` are float32.
@@ -186,14 +189,14 @@ def plan(
     dw = torch.cat([a.cos(), -a.sin()], 0)
     a = _angles(P, H, P)  # [P, H]: (re + i im) * (cos - i sin)
     eh = torch.stack([torch.cat([a.cos(), -a.sin()], 0), torch.cat([a.sin(), a.cos()], 0)], 2).view(2 * P, 2 * H)
-    a = _angles(hout, P, P)  # [hout, P]
-    ih = torch.cat([a.cos(), a.sin()], 0) / P
+    a = _angles(hout, P, P)  # [hout, P]: (cos + i sin) (re + i im)
+    ih = torch.stack([torch.cat([a.cos(), -a.sin()], 1), torch.cat([a.sin(), a.cos()], 1)], 1).view(2 * hout, 2 * P) / P
     weight = torch.full((qh, 1), 2.0, dtype=torch.float64)
     weight[0] = 1.0
     if Q % 2 == 0:
         weight[-1] = 1.0  # the Nyquist column stands for itself
     a = _angles(qh, wout, Q)  # [Qh, wout]
-    iw = torch.cat([a.cos() * weight, -a.sin() * weight], 0) / Q
+    iw = (torch.cat([a.cos() * weight, -a.sin() * weight], 0) / Q).T.contiguous()
     return Plan(grid, P, Q, hout, wout, dw.to(device, dtype), eh.to(device, dtype),
                 ih.to(device, torch.float32), iw.to(device, torch.float32))
 
@@ -327,7 +330,7 @@ def channel_sums(x: torch.Tensor, spectra: torch.Tensor) -> torch.Tensor:
             ``c + id``, of ``x``'s dtype.
 
     Returns:
-        Tensor[K, n, 2, T] float32: real and imaginary parts.
+        Tensor[2, K, n, T] float32: real and imaginary parts.
 
     Four real products, ``a [c | d]`` and ``b [c | d]``; or, with the three-product
     operands, three (Gauss): ``k1 = (a + b) c``, ``k2 = a (d - c)``, ``k3 = b (c + d)``, real
@@ -337,16 +340,16 @@ def channel_sums(x: torch.Tensor, spectra: torch.Tensor) -> torch.Tensor:
     b = x[:, 1].transpose(0, 1)
     K, n = a.shape[:2]
     T = spectra.shape[3] if spectra.ndim == 4 else spectra.shape[2] // 2
-    y = torch.empty(K, n, 2, T, device=x.device)
+    y = torch.empty(2, K, n, T, device=x.device)
     if spectra.ndim == 4:
         k1 = _bmm_float32((x[:, 0] + x[:, 1]).transpose(0, 1), spectra[0])  # [K, n, T]
-        torch.sub(k1, _bmm_float32(b, spectra[2]), out=y[:, :, 0])
-        torch.add(k1, _bmm_float32(a, spectra[1]), out=y[:, :, 1])
+        torch.sub(k1, _bmm_float32(b, spectra[2]), out=y[0])
+        torch.add(k1, _bmm_float32(a, spectra[1]), out=y[1])
         return y
     u = _bmm_float32(a, spectra)  # [K, n, 2T]: (ac | ad)
     v = _bmm_float32(b, spectra)  # (bc | bd)
-    torch.sub(u[:, :, :T], v[:, :, T:], out=y[:, :, 0])
-    torch.add(u[:, :, T:], v[:, :, :T], out=y[:, :, 1])
+    torch.sub(u[:, :, :T], v[:, :, T:], out=y[0])
+    torch.add(u[:, :, T:], v[:, :, :T], out=y[1])
     return y
 
 
@@ -376,15 +379,17 @@ def _bmm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def inverse(y: torch.Tensor, p: Plan) -> torch.Tensor:
-    """``y (Tensor[K, n, 2, T])`` -> ``Tensor[hout, n, T, wout]``: the real sums at the map
-    positions (rows and columns beyond a template's own map are to be cropped)."""
-    _, n, _, T = y.shape
-    g = (p.ih @ y.view(p.P, p.qh * n * 2 * T)).view(2, p.hout, p.qh, n, 2, T)  # along columns
-    z = torch.empty(p.hout, n, T, 2, p.qh, device=y.device)
-    zt = z.permute(3, 0, 4, 1, 2)  # [2, hout, Qh, n, T]
-    torch.sub(g[0, :, :, :, 0], g[1, :, :, :, 1], out=zt[0])
-    torch.add(g[1, :, :, :, 0], g[0, :, :, :, 1], out=zt[1])
-    return (z.view(-1, 2 * p.qh) @ p.iw).view(p.hout, n, T, p.wout)  # along rows, real
+    """``y (Tensor[2, K, n, T])`` -> ``Tensor[hout, wout, n, T]``: the real sums at the map
+    positions (rows and columns beyond a template's own map are to be cropped).
+
+    Two GEMMs, each writing the next one's operand in place: along columns, the complex
+    product as real blocks, out in ``(row, re/im, frequency)`` order; then along rows, a
+    batched GEMM per map row. Combining the real and imaginary parts in a pass of their
+    own and transposing them for the second GEMM took a third of the inverse's time
+    (``benchmarks/results/speed/epyc/spectral-inverse-ab.txt``)."""
+    _, _, n, T = y.shape
+    g = (p.ih @ y.view(2 * p.P, p.qh * n * T)).view(p.hout, 2 * p.qh, n * T)  # along columns
+    return torch.matmul(p.iw, g).view(p.hout, p.wout, n, T)  # along rows, real
 
 
 def sums(features: torch.Tensor, templates: Sequence[torch.Tensor], p: Plan | None = None) -> torch.Tensor:
@@ -395,24 +400,24 @@ def sums(features: torch.Tensor, templates: Sequence[torch.Tensor], p: Plan | No
         templates (list of Tensor[C, h_t, w_t]).
 
     Returns:
-        Tensor[hout, n, T, wout] (float32): template ``t``'s map is ``[:oh_t, :, t, :ow_t]``.
+        Tensor[hout, n, T, wout] (float32, a view): template ``t``'s map is
+        ``[:oh_t, :, t, :ow_t]``.
     """
     if p is None:
         p = plan_for(features, templates)
-    return inverse(channel_sums(frame_spectra(features, p), cached_spectra(templates, p)), p)
+    return inverse(channel_sums(frame_spectra(features, p), cached_spectra(templates, p)), p).permute(0, 2, 3, 1)
 
 
 def frame_bytes(p: Plan, channels: int, templates: int) -> int:
     """Bytes of the intermediates per frame, for chunking a batch: the forward transforms'
-    in their dtype (and ``a + b`` of three products), the rest in fp32 (the sums, and their
-    copy with the positions that break the border rule at ``-inf``), and the border
-    rule's mask (bool)."""
+    in their dtype (and ``a + b`` of three products), the rest in fp32 (the channel sums,
+    the inverse's half-way result, and the sums, whose positions that break the border
+    rule are set to ``-inf`` in place), and the border rule's mask and its negation (bool)."""
     H, _ = p.grid
     T = templates
     forward = 2 * channels * H * 2 * p.qh + 3 * p.frequencies * channels
-    rest = (6 * p.frequencies * T + 2 * p.hout * p.qh * 2 * T + p.hout * T * 2 * p.qh
-            + 2 * p.hout * T * p.wout)
-    return forward * p.dw.element_size() + 4 * rest + p.hout * T * p.wout
+    rest = 6 * p.frequencies * T + 2 * p.hout * p.qh * T + p.hout * T * p.wout
+    return forward * p.dw.element_size() + 4 * rest + 2 * p.hout * T * p.wout
 
 
 def cpu_chunk_frames() -> int:
@@ -488,9 +493,9 @@ def best_matches(
         step = min(step, cpu_chunk_frames())
     for s in range(0, n, step):
         f = slice(s, s + step)
-        y = inverse(channel_sums(frame_spectra(features[f], p), spectra), p)  # [hout, n', T, wout]
-        ok = ok_rows[f, :, :, None] & ok_cols[f, :, None, :]  # [n', T, hout, wout]
-        best, at = torch.where(ok, y.permute(1, 2, 0, 3), float("-inf")).flatten(2).max(dim=2)  # [n', T]
+        y = inverse(channel_sums(frame_spectra(features[f], p), spectra), p)  # [hout, wout, n', T]
+        ok = ok_rows[f].permute(2, 0, 1)[:, None] & ok_cols[f].permute(2, 0, 1)[None]  # [hout, wout, n', T]
+        best, at = y.masked_fill_(~ok, float("-inf")).view(p.hout * p.wout, -1, T).max(dim=0)  # [n', T]
         score[:, f], rows[:, f], cols[:, f] = (best / cells).T, (at // p.wout).T, (at % p.wout).T
     return score, rows, cols
 

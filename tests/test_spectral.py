@@ -47,12 +47,12 @@ def test_transforms_equal_torch_fft(grid, sizes):
     got = torch.complex(got[:, 0], got[:, 1]).view(3, p.P, p.qh, 5).permute(0, 3, 1, 2)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
 
-    y = torch.randn(p.P, p.qh, 3, 2, 4)  # [K, n, (re, im), T] of real signals' spectra
+    y = torch.randn(2, p.P, p.qh, 3, 4)  # [(re, im), K, n, T] of real signals' spectra
     spec = torch.fft.rfft2(torch.randn(3, 4, p.P, p.Q)).permute(2, 3, 0, 1)  # Hermitian where it must be
-    y[:, :, :, 0], y[:, :, :, 1] = spec.real, spec.imag
-    want = torch.fft.irfft2(torch.complex(y[:, :, :, 0], y[:, :, :, 1]).permute(2, 3, 0, 1), s=(p.P, p.Q))
-    got = spectral.inverse(y.view(p.frequencies, 3, 2, 4), p)  # [hout, n, T, wout]
-    torch.testing.assert_close(got.permute(1, 2, 0, 3), want[:, :, : p.hout, : p.wout], atol=1e-4, rtol=1e-5)
+    y[0], y[1] = spec.real, spec.imag
+    want = torch.fft.irfft2(torch.complex(y[0], y[1]).permute(2, 3, 0, 1), s=(p.P, p.Q))
+    got = spectral.inverse(y.view(2, p.frequencies, 3, 4), p)  # [hout, wout, n, T]
+    torch.testing.assert_close(got.permute(2, 3, 0, 1), want[:, :, : p.hout, : p.wout], atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("three_min", [spectral.THREE_PRODUCTS_MIN, 1], ids=["four-products", "three-products"])
