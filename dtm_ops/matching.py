@@ -283,14 +283,11 @@ def _fastest(key: tuple, candidates: dict, args: tuple, warm_up: tuple):
         return candidates[_picked[key]](*args)
     best, failed = None, None
     for name, fn in candidates.items():
-        try:
-            took, out = _timed(fn, args, warm_up, SURE_SLOWER * best[0] if best else float("inf"))
-        except Exception as e:
-            if not cannot_run(e):
-                raise
-            _log_failed(name, key, e)
-            failed = failed or e
+        timed = _timed_here(name, key, fn, args, warm_up, SURE_SLOWER * best[0] if best else float("inf"))
+        if isinstance(timed, Exception):
+            failed = failed or timed
             continue
+        took, out = timed
         if best is None or took < best[0]:
             best = (took, name, out)
     if best is None:
@@ -309,9 +306,17 @@ def cannot_run(error: Exception) -> bool:
         "triton")
 
 
-def _log_failed(name: str, key: tuple, error: Exception) -> None:
-    log.warning("auto: method %r cannot run for %s (%s: %s); picking among the others", name, key[:5],
-                type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+def _timed_here(name: str, key: tuple, fn, args: tuple, warm_up: tuple, give_up: float = float("inf")):
+    """:func:`_timed`, or the error where this device cannot run method ``name``
+    (:func:`cannot_run`), logged with the pick's ``key``; other errors are raised."""
+    try:
+        return _timed(fn, args, warm_up, give_up)
+    except Exception as e:
+        if not cannot_run(e):
+            raise
+        log.warning("auto: method %r cannot run for %s (%s: %s); picking among the others", name, key[:5],
+                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return e
 
 
 def _known(key: tuple, methods) -> bool:
@@ -543,17 +548,14 @@ def _pick_set(
     the spectral method; the first call now takes 1.7 s (18 s before), with the same pick."""
     from dtm_ops import spectral
 
-    try:
-        took, out = _timed(lambda f, v: spectral.best_matches(f, templates, v, max_bytes),
-                           (features, valid), (features[:1], valid[:1]))
-    except Exception as e:
-        if not cannot_run(e):
-            raise
-        _log_failed("fft", key, e)
+    timed = _timed_here("fft", key, lambda f, v: spectral.best_matches(f, templates, v, max_bytes),
+                        (features, valid), (features[:1], valid[:1]))
+    if isinstance(timed, Exception):
         start = time.perf_counter()
         groups = _best_by_groups(features, templates, valid, max_bytes, "auto")
         _settle(key, "groups", time.perf_counter() - start)
         return groups
+    took, out = timed
     budget = _Budget(took)
     try:
         groups = _best_by_groups(features, templates, valid, max_bytes, "auto", budget)
