@@ -21,9 +21,10 @@ code within a version, or where the machine's load has changed for good.
 keeps the picks in memory only.
 
 The file is JSON, written whole (:func:`dtm_ops.fileio.atomic_write`) at the end of a
-matcher call that picked, merged with what other processes wrote meanwhile; two processes
-picking at once may each time a case, never corrupt the file; it keeps the newest
-:data:`MAX_PICKS`. A file that cannot be read or written is reported
+matcher call that picked, merged with what other processes wrote meanwhile, under a lock
+(``picks.json.lock`` beside it) so that no process writes over another's picks; two
+processes picking at once may each time a case, never corrupt the file or lose a pick; it
+keeps the newest :data:`MAX_PICKS`. A file that cannot be read or written is reported
 in the log (once a process) and the picks stay in memory: a scan never fails for its cache.
 """
 
@@ -33,6 +34,8 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -94,17 +97,31 @@ def flush() -> None:
         file = _pending.pop()
         table = _table(file)
         try:
-            merged = {**_read(file), **table}  # theirs, then ours (new keys last)
-        except (OSError, ValueError):
-            merged = dict(table)  # an unreadable file (reported when first read) is replaced
-        merged = dict(list(merged.items())[-MAX_PICKS:])
-        try:
-            atomic_write(file, json.dumps({"format": FORMAT, "picks": merged}, indent=0).encode())
+            with _locked(file):  # no other process writes between our read and our write
+                try:
+                    merged = {**_read(file), **table}  # theirs, then ours (new keys last)
+                except (OSError, ValueError):
+                    merged = dict(table)  # an unreadable file (reported when first read) is replaced
+                merged = dict(list(merged.items())[-MAX_PICKS:])
+                atomic_write(file, json.dumps({"format": FORMAT, "picks": merged}, indent=0).encode())
         except OSError as e:
             _warn(file, "write", f"cannot write {file} ({e}); the matcher's picks stay in memory")
         else:
             table.clear()
             table.update(merged)
+
+
+@contextmanager
+def _locked(file: Path) -> Iterator[None]:
+    """Hold an exclusive lock (``flock``) on ``<file>.lock`` beside ``file``: processes that
+    flush at once (the mapped scan tasks of one worker machine, or of workers sharing the
+    folder) merge one after the other, so none writes over picks another wrote meanwhile."""
+    import fcntl
+
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with open(file.with_name(file.name + ".lock"), "ab") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        yield
 
 
 def _table(file: Path) -> dict[str, list]:

@@ -192,8 +192,7 @@ for k in range(40):
 
 def test_processes_writing_at_once_never_leave_a_broken_file(tmp_path):
     """Four processes flush 40 picks each at the same time while this one reads the file:
-    every read parses (a pick may be lost to a concurrent write, never the file), and the
-    file ends with all the picks of the writer that wrote last."""
+    every read parses, and the file ends with every pick of every writer."""
     env = {**os.environ, picks.ENV: str(tmp_path)}
     writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(w + 1)], env=env) for w in range(4)]
     reads = 0
@@ -203,6 +202,44 @@ def test_processes_writing_at_once_never_leave_a_broken_file(tmp_path):
             reads += 1
     assert [p.returncode for p in writers] == [0] * 4 and reads > 0
     kept = {tuple(json.loads(k)[3][4]) for k in picks._read(tmp_path / picks.FILE)}
-    # the last write was some writer's, with all of its own picks (its table holds them all)
-    assert any({(1, 8, w + 1, k + 1) for k in range(40)} <= kept for w in range(4))
+    assert kept == {(1, 8, w + 1, k + 1) for w in range(4) for k in range(40)}
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
+
+
+#: A process that keeps one pick; "a" dawdles between reading the file and writing it,
+#: "b" flushes in that time.
+RACER = """
+import sys, time
+from pathlib import Path
+import torch
+from dtm_ops import picks
+
+role, signal = sys.argv[1], Path(sys.argv[2])
+picks.remember(("best", "cpu", torch.float32, (8, 6, 7), (1, 8, 2, 3), 3 if role == "a" else 4), role, 0.5)
+if role == "a":
+    read = picks._read
+
+    def slow_read(file):
+        got = read(file)
+        signal.touch()
+        time.sleep(1.0)
+        return got
+
+    picks._read = slow_read
+else:
+    while not signal.exists():
+        time.sleep(0.01)
+picks.flush()
+"""
+
+
+def test_a_process_that_flushes_while_another_merges_waits_for_it(tmp_path):
+    """B flushes while A holds what it read of the file and has not yet written: B waits
+    for A's write and merges with it (without the lock, A's write drops B's pick)."""
+    env = {**os.environ, picks.ENV: str(tmp_path / "picks")}
+    signal = tmp_path / "a-has-read"
+    b = subprocess.Popen([sys.executable, "-c", RACER, "b", str(signal)], env=env)
+    a = subprocess.run([sys.executable, "-c", RACER, "a", str(signal)], env=env, timeout=120)
+    assert (a.returncode, b.wait(timeout=120)) == (0, 0)
+    kept = {json.loads(k)[3][5]: v[0] for k, v in picks._read(tmp_path / "picks" / picks.FILE).items()}
+    assert kept == {3: "a", 4: "b"}
