@@ -257,8 +257,13 @@ class Searcher:
         """Calibration frames, read from at most ``CALIBRATION_SHARDS`` shards (the cost is
         bounded however large the lake). The shards are those at evenly spaced points of the
         lake's frame order, and the frames are spread evenly over them, so each contributes
-        in proportion to its size: the sample keeps the lake's mix of scenes."""
-        shards = store.manifest().shards
+        in proportion to its size: the sample keeps the lake's mix of scenes.
+
+        The frame order is by frame id, not the manifest's shard order: indexing tasks
+        commit their shards in the order they finish, so the same frames indexed twice are
+        listed in another order, and a sample taken in that order would change the
+        calibration, and so the ranking, from one indexing run to the next."""
+        shards = sorted(store.manifest().shards, key=lambda s: min((f.frame_id for f in s.frames), default=""))
         total = sum(len(s.frames) for s in shards)
         if total == 0:
             return

@@ -169,3 +169,54 @@ def test_calibration_reads_a_bounded_number_of_shards(tmp_path, random_extractor
     shards_read = {k for k in read if k.startswith("shards/")}
     assert 1 <= len(shards_read) <= CALIBRATION_SHARDS < 20
     assert all(t.sigma > 0 and t.mu != 0.0 for t in prepared[0].templates)  # calibrated from those frames
+
+
+def test_calibration_sample_does_not_depend_on_the_order_shards_were_committed(tmp_path, random_extractor):
+    """Indexing tasks commit shards in the order they finish. The same frames committed in
+    another order must give the same calibration sample, hence the same mu and sigma, and
+    the sample's shards are those at evenly spaced points of the frame ids' order."""
+    import random
+
+    import torch
+
+    from dtm_ops.search import CALIBRATION_SHARDS
+    from dtm_ops.store.format import FrameEntry
+
+    g = torch.Generator().manual_seed(0)
+    shards = []
+    for s in range(20):  # shards of 1 to 4 frames: where the evenly spaced points fall depends on the order
+        entries = [FrameEntry(f"cam/{s:03d}-{i}", f"/x/{s}-{i}.jpg", "cam", s * 10 + i, 96, 64, (4, 6), 1.0)
+                   for i in range(1 + s % 4)]
+        shards.append((entries, [torch.randn(random_extractor.channels, 4, 6, generator=g) for _ in entries]))
+    image = tmp_path / "q.jpg"
+    Image.new("RGB", (96, 64), (90, 30, 200)).save(image)
+    query = Query("q", str(image), [(10, 10, 50, 40)])
+
+    def prepare(order):
+        store = FeatureStore.open(tmp_path / f"features-{'-'.join(map(str, order[:3]))}")
+        for k in order:
+            store.append(random_extractor.fingerprint, *shards[k])
+        read: set[str] = set()
+        read_into = store.objects.read_into
+
+        def watched(key, out, offset=0):
+            read.add(key)
+            read_into(key, out, offset)
+
+        store.objects.read_into = watched
+        templates = Searcher(random_extractor, calibration_frames=16).prepare([query], store)[0].templates
+        first_frame = {"shards/" + e.name: e.frames[0].frame_id for e in store.manifest().shards}
+        return [(t.mu, t.sigma) for t in templates], sorted(first_frame[k] for k in read if k.startswith("shards/"))
+
+    in_order = list(range(20))
+    shuffled = in_order[:]
+    random.Random(3).shuffle(shuffled)
+    calibration, sampled = prepare(in_order)
+    assert prepare(shuffled) == (calibration, sampled)
+    assert prepare(in_order[::-1]) == (calibration, sampled)
+    # by hand: frame counts 1,2,3,4,1,2,... (50 frames); points (j + 0.5) * 50 / 8 fall in these shards
+    counts = [1 + s % 4 for s in range(20)]
+    starts = [sum(counts[:s]) for s in range(20)]
+    points = [(j + 0.5) * sum(counts) / CALIBRATION_SHARDS for j in range(CALIBRATION_SHARDS)]
+    expected = sorted({max(s for s in range(20) if starts[s] <= p) for p in points})
+    assert sampled == [f"cam/{s:03d}-0" for s in expected]
