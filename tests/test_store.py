@@ -269,6 +269,61 @@ def test_a_commit_that_fails_after_its_shards_leaves_the_old_version_whole(store
     assert set(_all_frames(reader)) == {"a0", "a1"}  # the orphan shard is invisible
 
 
+def test_the_same_tensors_give_the_same_shard_bytes_in_any_process():
+    """A shard's name is the hash of its bytes: the same frames must give the same bytes
+    every time (safetensors writes a multi-key metadata in hash-map order), and a shard
+    still opens with safetensors' own loader."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from safetensors.torch import load
+
+    from dtm_ops.store.format import encode_shard
+
+    make = ("import torch; g = torch.Generator().manual_seed(5); "
+            "x = torch.randn(3, 4, 3, 5, generator=g); v = torch.tensor([[3, 5]] * 3)")
+    scope: dict = {}
+    exec(make, scope)
+    for dtype in ("float16", "float32", "int8"):
+        blobs = {encode_shard(scope["x"], scope["v"], dtype) for _ in range(20)}
+        assert len(blobs) == 1, dtype
+        there = subprocess.run(
+            [sys.executable, "-c", make + "; import hashlib; from dtm_ops.store.format import encode_shard; "
+             f"print(hashlib.sha256(encode_shard(x, v, {dtype!r})).hexdigest())"],
+            capture_output=True, text=True, check=True).stdout.strip()
+        (blob,) = blobs
+        assert there == hashlib.sha256(blob).hexdigest(), dtype
+        assert torch.equal(load(blob)["valid"], scope["v"].int())
+
+
+def test_a_commit_retried_after_a_conflict_puts_each_shard_once(store_uri, monkeypatch):
+    """Another writer commits between our shards and our manifest: the retry commits the
+    shards already put, without putting them again, and leaves no shard no manifest names."""
+    store = _open(store_uri)
+    store.append(FP, *_frames(2, prefix="a"))
+    other = _open(store_uri)
+    shard_puts = []
+    put = store.objects.put
+
+    def racing_put(key, data, *, exclusive=False):
+        if key.startswith(SHARDS):
+            shard_puts.append(key)
+        elif key.startswith("manifests/") and other.latest_version() == 1:
+            other.append(FP, *_frames(3, prefix="c", seed=2))  # takes the version we are about to write
+        return put(key, data, exclusive=exclusive)
+
+    monkeypatch.setattr(store.objects, "put", racing_put)
+    e1, f1 = _frames(3, (3, 5), "b")
+    e2, f2 = _frames(2, (4, 4), "b2")
+    new = store.append(FP, e1 + e2, f1 + f2)
+    assert store.latest_version() == 3 and len(new) == 2
+    assert sorted(shard_puts) == sorted(SHARDS + s.name for s in new)  # each put once
+    named = {SHARDS + s.name for s in _open(store_uri).manifest().shards}
+    assert set(store.objects.list(SHARDS)) == named
+    assert set(_all_frames(_open(store_uri))) == {"a0", "a1", "c0", "c1", "c2", "b0", "b1", "b2", "b20", "b21"}
+
+
 def test_s3_config_from_an_airflow_aws_connection():
     from dtm_ops.store.objects import S3Config
 

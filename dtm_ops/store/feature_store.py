@@ -274,6 +274,7 @@ class FeatureStore:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         for k, f in enumerate(frames):
             check_finite(features[k][None], [f.frame_id], source=self.uri)
+        written: dict[tuple[int, ...], ShardEntry] = {}  # shards put by earlier attempts, by their frames
         for _attempt in range(max_conflicts + 1):
             version = self.latest_version()
             if version:
@@ -283,7 +284,7 @@ class FeatureStore:
                     raise FeatureStoreError(f"{self.uri}: store holds {base.dtype} features, asked to append {dtype}")
             else:
                 base = Manifest(fingerprint=fingerprint, dtype=dtype)
-            new = self._write_shards(base.frame_ids(), frames, features, dtype)
+            new = self._write_shards(base.frame_ids(), frames, features, dtype, written)
             if not new:
                 return []
             manifest = Manifest(
@@ -301,7 +302,13 @@ class FeatureStore:
             f"{self.uri}: gave up after {max_conflicts} commit conflicts with other writers; nothing was committed"
         )
 
-    def _write_shards(self, have: set[str], frames, features, dtype: str) -> list[ShardEntry]:
+    def _write_shards(
+        self, have: set[str], frames, features, dtype: str, written: dict[tuple[int, ...], ShardEntry]
+    ) -> list[ShardEntry]:
+        """Put the shards of the frames not in ``have``, one per grid. A shard of the same
+        frames put by an earlier attempt of this commit (``written``, updated) is not put
+        again: after a conflict with a writer of other frames, the retry commits the shards
+        it already wrote."""
         groups: dict[tuple[int, int], list[int]] = {}
         seen = set(have)
         for k, (f, t) in enumerate(zip(frames, features, strict=True)):
@@ -311,12 +318,16 @@ class FeatureStore:
             groups.setdefault(tuple(t.shape[1:]), []).append(k)
         new = []
         for grid, idxs in groups.items():
+            if tuple(idxs) in written:
+                new.append(written[tuple(idxs)])
+                continue
             feats = torch.stack([features[k] for k in idxs])
             valid = torch.tensor([frames[k].valid for k in idxs], dtype=torch.int32)
             data = encode_shard(feats, valid, dtype)
             digest = hashlib.sha256(data).hexdigest()
-            name = f"{digest[:20]}.safetensors"  # content-addressed: a retry rewrites the same name
+            name = f"{digest[:20]}.safetensors"  # content-addressed: the same frames, the same name
             self.objects.put(SHARDS + name, data)
-            new.append(ShardEntry(name=name, sha256=digest, bytes=len(data), grid=grid,
-                                  frames=tuple(frames[k] for k in idxs), crc64nvme=crc64nvme(data)))
+            written[tuple(idxs)] = ShardEntry(name=name, sha256=digest, bytes=len(data), grid=grid,
+                                              frames=tuple(frames[k] for k in idxs), crc64nvme=crc64nvme(data))
+            new.append(written[tuple(idxs)])
         return new

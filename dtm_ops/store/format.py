@@ -152,6 +152,10 @@ def encode_shard(features: torch.Tensor, valid: torch.Tensor, dtype: str = "floa
     """``features (Tensor[N, C, H, W])``, ``valid (Tensor[N, 2])`` -> safetensors bytes.
 
     ``int8`` quantises per position: ``scale = max |x| over channels``, ``q = round(127 x / scale)``.
+
+    The same tensors give the same bytes, so a shard's name (its hash) is its content's:
+    the metadata holds one key, because safetensors writes several in hash-map order,
+    which changes from call to call (the dtype is the tensors' own, in the header).
     """
     from safetensors.torch import save
 
@@ -163,7 +167,7 @@ def encode_shard(features: torch.Tensor, valid: torch.Tensor, dtype: str = "floa
         tensors["scales"] = scales.to(torch.float16).contiguous()
     else:
         tensors["features"] = features.to(DTYPES[dtype]).contiguous()
-    return save(tensors, metadata={"format": f"dtm-shard/{FORMAT_VERSION}", "dtype": dtype})
+    return save(tensors, metadata={"format": f"dtm-shard/{FORMAT_VERSION}"})
 
 
 def decode_shard(data: torch.Tensor, entry: ShardEntry, *, source: str) -> tuple[torch.Tensor, torch.Tensor]:
