@@ -115,12 +115,17 @@ def flush() -> None:
 def _locked(file: Path) -> Iterator[None]:
     """Hold an exclusive lock (``flock``) on ``<file>.lock`` beside ``file``: processes that
     flush at once (the mapped scan tasks of one worker machine, or of workers sharing the
-    folder) merge one after the other, so none writes over picks another wrote meanwhile."""
+    folder) merge one after the other, so none writes over picks another wrote meanwhile.
+    Where the file system refuses locks (some network mounts), the merge goes on unlocked,
+    as it would without this: a lost pick is timed again, never a wrong result."""
     import fcntl
 
     file.parent.mkdir(parents=True, exist_ok=True)
     with open(file.with_name(file.name + ".lock"), "ab") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        except OSError as e:
+            _warn(file, "lock", f"cannot lock {file} ({e}); merging with other processes' picks unlocked")
         yield
 
 

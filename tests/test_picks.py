@@ -151,6 +151,27 @@ def test_a_file_that_cannot_be_written_leaves_the_picks_in_memory(monkeypatch, t
     assert [r.getMessage().split(" (")[0] for r in caplog.records] == [f"cannot read {file}", f"cannot write {file}"]
 
 
+def test_a_folder_that_refuses_locks_still_keeps_the_picks(monkeypatch, tmp_path, caplog):
+    import errno
+    import fcntl
+
+    def refuse(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setenv(picks.ENV, str(tmp_path))
+    monkeypatch.setattr(picks, "_tables", {})
+    monkeypatch.setattr(picks, "_warned", set())
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    keys = [("best", "cpu", torch.float32, (8, 6, 7), (1, 8, 2, w), 3) for w in (1, 2)]
+    with caplog.at_level(logging.WARNING, logger="dtm_ops.picks"):
+        for key in keys:
+            picks.remember(key, "fold", 0.5)
+            picks.flush()
+    monkeypatch.setattr(picks, "_tables", {})  # another process
+    assert [picks.recall(key) for key in keys] == [("fold", 0.5)] * 2
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [f"cannot lock {tmp_path / picks.FILE}"]
+
+
 def test_a_kept_pick_of_a_method_this_process_lacks_is_timed_anew(monkeypatch, tmp_path):
     """A pick of Triton's "shift", kept by a process that had Triton, is not one here."""
     monkeypatch.setenv(picks.ENV, str(tmp_path))
