@@ -2,7 +2,9 @@
 
 1. Read throughput: the streaming reader (parallel GETs, checksum, decode, in order) against
    raw ``get_object`` of the same shard bytes, one after the other, measured in one run.
-2. Compression: bytes per frame of fp32 / fp16 / int8 shards and of a PCA projection, and
+2. The features of a run's hits (heat maps): a few frames as checked byte ranges against
+   their shards read whole, side by side.
+3. Compression: bytes per frame of fp32 / fp16 / int8 shards and of a PCA projection, and
    the error of DTM scores against fp32 features, on real features of demo frames.
 
 Uses ``DTM_S3_ENDPOINT`` and AWS_* from the environment when set; otherwise starts a server
@@ -113,6 +115,51 @@ def _read_throughput(cfg: S3Config, bucket: str, extractor, feats, ffs, repeat: 
     print(f"  raw get_object, sequential : {mb / t_raw:8.1f} MB/s  {len(entries) / t_raw:8.0f} frames/s")
     print(f"  streaming reader (verified): {mb / t_stream:8.1f} MB/s  {len(entries) / t_stream:8.0f} frames/s")
     print(f"  ratio reader / raw         : {t_raw / t_stream:8.2f}")
+    hit_frames(reader, entries, repeat)
+    with tempfile.TemporaryDirectory(prefix="dtm-store-") as folder:  # the same shards in a local folder
+        local = FeatureStore.open(folder)
+        for s in range(0, len(entries), per_shard):
+            local.append(extractor.fingerprint, entries[s : s + per_shard], feats[s : s + per_shard])
+        hit_frames(local, entries, repeat)
+
+
+def hit_frames(store: FeatureStore, entries: list, repeat: int, hits: int = 20) -> None:
+    """The features of a run's hits, for their heat maps (``FeatureStore.frame_features``):
+    a few frames spread over the shards, read as checked byte ranges against each shard
+    read whole (``FRAME_READ_RATIO`` set out of reach), in one run; the same tensors."""
+    from dtm_ops.store import feature_store
+
+    ids = [entries[i].frame_id for i in range(0, len(entries), max(1, len(entries) // hits))][:hits]
+    read = store.objects.read_into
+    moved = [0]
+
+    def counted(key, out, offset=0):
+        moved[0] += len(out)
+        read(key, out, offset)
+
+    store.objects.read_into = counted
+    ratio = feature_store.FRAME_READ_RATIO
+    got, seconds, moved_mb = {}, {}, {}
+    try:
+        for mode, r in (("whole", 10**9), ("ranges", ratio)):
+            feature_store.FRAME_READ_RATIO = r
+            moved[0] = 0
+            got[mode] = store.frame_features(ids)
+            moved_mb[mode] = moved[0] / 1e6
+            seconds[mode] = best_of(lambda: store.frame_features(ids), repeat)
+    finally:
+        feature_store.FRAME_READ_RATIO = ratio
+        store.objects.read_into = read
+    assert all(torch.equal(got["whole"][i][1], got["ranges"][i][1]) for i in ids)
+    shards = len({s.name for s in store.manifest().shards if any(f.frame_id in ids for f in s.frames)})
+    where = "S3" if store.objects.ranged_reads else "a local folder"
+    print(f"\nfeatures of {len(ids)} hits' frames in {shards} shards, {where} "
+          f"(heat maps; best of {repeat}; the same tensors)")
+    for mode in ("whole", "ranges"):
+        print(f"  {'shards read whole' if mode == 'whole' else 'frames as byte ranges':<26}: "
+              f"{seconds[mode] * 1e3:8.1f} ms  {moved_mb[mode]:8.1f} MB read")
+    print(f"  ratio whole / ranges      : {seconds['whole'] / seconds['ranges']:8.2f}x time, "
+          f"{moved_mb['whole'] / moved_mb['ranges']:.0f}x bytes")
 
 
 def compression(extractor, feats, ffs) -> None:

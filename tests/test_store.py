@@ -12,7 +12,7 @@ from dtm_ops.errors import FeatureStoreError, FingerprintMismatch
 from dtm_ops.fingerprint import Fingerprint
 from dtm_ops.store import FeatureStore
 from dtm_ops.store.feature_store import POINTER, SHARDS, manifest_key
-from dtm_ops.store.format import FrameEntry, Manifest
+from dtm_ops.store.format import FrameEntry, Manifest, shard_layout
 from dtm_ops.store.objects import ObjectNotFound
 
 FP = Fingerprint(backbone="b", weights="w" * 64, layer="l", stride=16, channels=4, preprocess={"long_side": 64})
@@ -322,6 +322,59 @@ def test_a_commit_retried_after_a_conflict_puts_each_shard_once(store_uri, monke
     named = {SHARDS + s.name for s in _open(store_uri).manifest().shards}
     assert set(store.objects.list(SHARDS)) == named
     assert set(_all_frames(_open(store_uri))) == {"a0", "a1", "c0", "c1", "c2", "b0", "b1", "b2", "b20", "b21"}
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "int8"])
+def test_a_few_frames_of_a_shard_are_read_as_checked_byte_ranges(store_uri, dtype):
+    """Two frames of two 64-frame shards: only their byte ranges (and each shard's header and
+    tables) are read, and they equal the frames of the whole shards."""
+    store = _open(store_uri)
+    store.append(FP, *_frames(64, (30, 40), prefix="a", seed=1), dtype=dtype)  # 9.6 kB a frame in float16
+    store.append(FP, *_frames(64, (30, 40), prefix="b", seed=2), dtype=dtype)
+    whole = _all_frames(_open(store_uri))
+    shard_bytes = {SHARDS + s.name: s.bytes for s in store.manifest().shards}
+    reads = _watch_reads(store, lambda key, offset, length: (key, offset, length))
+    got = store.frame_features(["a3", "b15"])
+    assert set(got) == {"a3", "b15"}
+    for fid, (entry, features) in got.items():
+        assert entry.frame_id == fid and torch.equal(features, whole[fid][0])
+    assert all(length < shard_bytes[key] / 8 for key, _, length in reads)
+    assert sum(length for _, _, length in reads) < sum(shard_bytes.values()) / 8
+
+
+def test_a_corrupt_frame_read_as_ranges_is_named_and_its_neighbours_still_read(store_uri):
+    store = _open(store_uri)
+    store.append(FP, *_frames(16, prefix="a"))
+    (entry,) = store.manifest().shards
+    data = bytearray(store.objects.get(SHARDS + entry.name))
+    begin, _ = shard_layout(data, len(data)).row("features", 3)  # frame a3's first feature byte
+    data[begin + 5] ^= 0x10
+    store.objects.put(SHARDS + entry.name, bytes(data))
+    with pytest.raises(FeatureStoreError, match=rf"shard {entry.name}: frame 'a3': checksum mismatch"):
+        store.frame_features(["a3"])
+    fine = store.frame_features(["a4"])
+    torch.testing.assert_close(fine["a4"][1].float(), _frames(16, prefix="a")[1][4], atol=1e-3, rtol=0)
+
+
+def test_shards_without_frame_checksums_are_read_whole(store_uri, monkeypatch):
+    """Shards written before per-frame checksums: frame_features reads them whole."""
+    from safetensors.torch import save
+
+    from dtm_ops.store import feature_store
+
+    def old_encode(features, valid, dtype="float16"):
+        return save({"valid": valid.to(torch.int32).contiguous(), "features": features.to(torch.float16).contiguous()},
+                    metadata={"format": "dtm-shard/1"})
+
+    monkeypatch.setattr(feature_store, "encode_shard", old_encode)
+    store = _open(store_uri)
+    entries, feats = _frames(16, prefix="a")
+    store.append(FP, entries, feats)
+    (entry,) = store.manifest().shards
+    reads = _watch_reads(store, lambda key, offset, length: length if key == SHARDS + entry.name else 0)
+    got = store.frame_features(["a3"])
+    torch.testing.assert_close(got["a3"][1].float(), feats[3], atol=1e-3, rtol=0)
+    assert sum(reads) >= entry.bytes  # the header, then the whole shard
 
 
 def test_s3_config_from_an_airflow_aws_connection():

@@ -25,8 +25,12 @@ from dtm_ops.store.format import (
     ShardEntry,
     check_finite,
     crc64nvme,
+    ShardLayout,
+    decode_frame,
     decode_shard,
     encode_shard,
+    header_size,
+    shard_layout,
 )
 from dtm_ops.store.objects import AlreadyExists, ObjectNotFound, ObjectStore, S3Config, open_objects
 
@@ -42,6 +46,12 @@ SHARDS = "shards/"
 #: scan can match the first while the rest arrive. A local folder reads each shard whole.
 PART_BYTES = 64 << 20
 MIN_PART_BYTES = 8 << 20
+#: :meth:`FeatureStore.frame_features` reads a shard's wanted frames as byte ranges where
+#: they are at most 1 in this many of its frames, else the whole shard.
+FRAME_READ_RATIO = 4
+#: Bytes first read of a shard whose frames are read as ranges: its header, and its checksum
+#: and valid tables (16 bytes a frame) where they follow it.
+HEAD_BYTES = 16 << 10
 
 
 def part_bytes(size: int, workers: int) -> int:
@@ -243,15 +253,79 @@ class FeatureStore:
             io_pool.shutdown(wait=True)
 
     def frame_features(self, frame_ids: Sequence[str]) -> dict[str, tuple[FrameEntry, torch.Tensor]]:
-        """Features ``Tensor[C, H, W]`` of selected frames (reads only the shards that hold them)."""
+        """Features ``Tensor[C, H, W]`` of selected frames, each checked.
+
+        A shard of which at most ``1 / FRAME_READ_RATIO`` of the frames are wanted has just
+        those frames read, as byte ranges checked against each frame's own CRC: a first
+        read of ``HEAD_BYTES`` (the header and the checksum and valid tables), then one per
+        frame (two for int8). The heat maps of a run's hits want one frame of most shards
+        they touch. Other shards, and those written before per-frame checksums, are read
+        whole."""
         wanted = set(frame_ids)
         out: dict[str, tuple[FrameEntry, torch.Tensor]] = {}
-        hold = [s for s in self.manifest().shards if any(f.frame_id in wanted for f in s.frames)]
-        for entry, features, _ in self.iter_shards(hold):
-            for i, f in enumerate(entry.frames):
-                if f.frame_id in wanted:
-                    out[f.frame_id] = (f, features[i])
+        whole, ranged = [], []
+        for s in self.manifest().shards:
+            rows = [i for i, f in enumerate(s.frames) if f.frame_id in wanted]
+            if rows:
+                (ranged if len(rows) * FRAME_READ_RATIO <= len(s.frames) else whole).append((s, rows))
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="dtm-frames") as pool:
+            heads = list(pool.map(lambda job: self._layout(job[0]), ranged))
+            jobs = []
+            for (entry, rows), head in zip(ranged, heads):
+                if head is None:  # no per-frame checksums
+                    whole.append((entry, rows))
+                else:
+                    jobs += [(entry, head, i) for i in rows]
+            for (entry, _, i), features in zip(jobs, pool.map(lambda job: self._read_frame(*job), jobs)):
+                out[entry.frames[i].frame_id] = (entry.frames[i], features)
+        rows_of = {entry.name: rows for entry, rows in whole}
+        for entry, features, _ in self.iter_shards([entry for entry, _ in whole]):
+            for i in rows_of[entry.name]:
+                out[entry.frames[i].frame_id] = (entry.frames[i], features[i])
         return out
+
+    def _read_range(self, entry: ShardEntry, begin: int, end: int) -> torch.Tensor:
+        """Bytes ``[begin, end)`` of a shard, ``Tensor[bytes] uint8``."""
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        try:
+            if end > begin:
+                self.objects.read_into(SHARDS + entry.name, memoryview(buf.numpy()), begin)
+        except ObjectNotFound:
+            raise FeatureStoreError(f"{self.uri}: shard {entry.name} named by the manifest is missing") from None
+        return buf
+
+    def _layout(self, entry: ShardEntry) -> tuple[ShardLayout, int, torch.Tensor] | None:
+        """A shard's layout and the bytes read to learn it: ``(layout, offset, bytes)`` holding
+        at least its checksum and valid tables; ``None`` for a shard without per-frame
+        checksums."""
+        head = self._read_range(entry, 0, min(entry.bytes, HEAD_BYTES))
+        try:
+            size = header_size(head.numpy(), entry.bytes)
+            if size > len(head):
+                head = self._read_range(entry, 0, size)
+            layout = shard_layout(head.numpy(), entry.bytes)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FeatureStoreError(f"{self.uri}: shard {entry.name}: cannot decode ({exc})") from None
+        if layout is None:
+            return None
+        begin, end = layout.tables()
+        if end <= len(head):
+            return layout, 0, head
+        return layout, begin, self._read_range(entry, begin, end)  # float32 features come first
+
+    def _read_frame(self, entry: ShardEntry, head: tuple[ShardLayout, int, torch.Tensor], row: int) -> torch.Tensor:
+        """Features ``Tensor[C, H, W]`` of one frame of a shard, read as byte ranges (those
+        in the bytes of :meth:`_layout` from them) and checked."""
+        layout, offset, held = head
+
+        def fetch(begin: int, end: int) -> torch.Tensor:
+            if offset <= begin and end <= offset + len(held):
+                return held[begin - offset : end - offset]
+            return self._read_range(entry, begin, end)
+
+        features, _ = decode_frame(layout, row, fetch, source=self.uri, shard=entry.name,
+                                   frame_id=entry.frames[row].frame_id)
+        return features
 
     # ------------------------------------------------------------------ writing
     def append(

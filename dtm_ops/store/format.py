@@ -15,9 +15,14 @@ never sees a manifest naming a missing shard, and a lagging pointer costs one re
 A shard is a safetensors file (a JSON header and raw little-endian arrays: reading it
 runs no code, unlike pickle / ``torch.load``) with tensors
 
-    features  Tensor[N, C, H, W]  float16 (default), float32, or int8, unit-norm per valid cell
-    scales    Tensor[N, 1, H, W]  float16, int8 only: features = int8 * scales / 127
-    valid     Tensor[N, 2]        int32, valid (rows, cols) of cells per frame
+    features     Tensor[N, C, H, W]  float16 (default), float32, or int8, unit-norm per valid cell
+    scales       Tensor[N, 1, H, W]  float16, int8 only: features = int8 * scales / 127
+    valid        Tensor[N, 2]        int32, valid (rows, cols) of cells per frame
+    frame_crc64  Tensor[N, 2]        int32: each frame's CRC-64/NVME (its little-endian bytes)
+                                     over its rows of features, scales and valid, in that order
+
+``frame_crc64`` lets a reader fetch a few frames of a shard as byte ranges and still check
+them (:func:`shard_layout`, :func:`decode_frame`); shards written before it are read whole.
 
 Each manifest is a full snapshot: per shard its sha256, CRC-64/NVME, byte size, grid and
 frames (frame id, source URI, sequence and index, original width/height, valid cells,
@@ -31,9 +36,12 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
 import struct
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 
 from dtm_ops.errors import FeatureStoreError
@@ -167,7 +175,113 @@ def encode_shard(features: torch.Tensor, valid: torch.Tensor, dtype: str = "floa
         tensors["scales"] = scales.to(torch.float16).contiguous()
     else:
         tensors["features"] = features.to(DTYPES[dtype]).contiguous()
+    tensors["frame_crc64"] = frame_checksums(tensors)
     return save(tensors, metadata={"format": f"dtm-shard/{FORMAT_VERSION}"})
+
+
+#: A frame's rows that its checksum covers, in order (``scales`` in int8 shards only).
+FRAME_PARTS = ("features", "scales", "valid")
+
+
+def frame_checksums(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``Tensor[N, 2]`` int32: each frame's CRC-64/NVME over its rows of :data:`FRAME_PARTS`
+    (contiguous tensors of ``N`` rows), as little-endian bytes. Stored as int32: it sorts
+    before ``valid`` in the file, so both tables sit right after the header (safetensors
+    orders tensors by alignment, then name) and one small read gets a reader the header and
+    both; and readers older than the table know the dtype, so they read such shards (and
+    ignore the table)."""
+    from awscrt.checksums import crc64nvme as crc
+
+    parts = [tensors[k].reshape(tensors[k].shape[0], -1).view(torch.uint8).numpy() for k in FRAME_PARTS if k in tensors]
+    sums = []
+    for n in range(parts[0].shape[0]):
+        value = 0
+        for part in parts:
+            value = crc(part[n], value)
+        sums.append(value)
+    return torch.from_numpy(np.array(sums, dtype="<u8").view("<i4").reshape(-1, 2))
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Where each frame's rows lie in a shard file, from its header (:func:`shard_layout`).
+
+    ``parts``: for :data:`FRAME_PARTS` present and ``frame_crc64``, ``name -> (begin, row
+    bytes, dtype, row shape)``, byte offsets into the file."""
+
+    frames: int
+    parts: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]]
+
+    def row(self, name: str, r: int) -> tuple[int, int]:
+        """Byte range of frame ``r``'s row of tensor ``name``."""
+        begin, size, _, _ = self.parts[name]
+        return begin + r * size, begin + (r + 1) * size
+
+    def tables(self) -> tuple[int, int]:
+        """Byte range holding the ``frame_crc64`` and ``valid`` tables (next to each other:
+        right after the header, unless float32 features come first)."""
+        spans = [(b, b + self.frames * size) for b, size, _, _ in (self.parts["frame_crc64"], self.parts["valid"])]
+        return min(b for b, _ in spans), max(e for _, e in spans)
+
+
+def header_size(head: bytes | memoryview, total: int) -> int:
+    """Bytes a shard's header takes, its 8-byte length included (``head``: the file's first
+    8 bytes or more; ``total``: its size)."""
+    (size,) = struct.unpack("<Q", bytes(head[:8]))
+    if 8 + size > total:
+        raise ValueError(f"a header of {size} bytes does not fit a file of {total}")
+    return 8 + size
+
+
+def shard_layout(head: bytes | memoryview, total: int) -> ShardLayout | None:
+    """The layout of a shard of ``total`` bytes from ``head``, its first :func:`header_size`
+    bytes or more; ``None`` for a shard without ``frame_crc64`` (written before it: read whole)."""
+    header = _header(head, total)
+    if "frame_crc64" not in header:
+        return None
+    n = header["frame_crc64"]["shape"][0]
+    parts = {}
+    for name in (*FRAME_PARTS, "frame_crc64"):
+        if name in header:
+            begin, end, dtype, shape = _span(name, header[name], header_size(head, total), total)
+            if shape[0] != n:
+                raise ValueError(f"tensor {name!r} of shape {shape} does not have one row per frame ({n})")
+            parts[name] = (begin, (end - begin) // n if n else 0, dtype, shape[1:])
+    return ShardLayout(frames=n, parts=parts)
+
+
+def decode_frame(
+    layout: ShardLayout, r: int, fetch: Callable[[int, int], torch.Tensor], *, source: str, shard: str, frame_id: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frame ``r`` of a shard from its byte ranges (``fetch(begin, end)``: ``Tensor[bytes]
+    uint8`` of the file), checked against its ``frame_crc64``: ``(features Tensor[C, H, W],
+    valid Tensor[2])`` as :func:`decode_shard` gives them."""
+    from awscrt.checksums import crc64nvme as crc
+
+    if not 0 <= r < layout.frames:
+        raise ValueError(f"frame {r} of a shard of {layout.frames}")
+    want = int(np.frombuffer(fetch(*layout.row("frame_crc64", r)).numpy().tobytes(), dtype="<u8")[0])
+    rows, value = {}, 0
+    for name in FRAME_PARTS:
+        if name in layout.parts:
+            data = fetch(*layout.row(name, r))
+            value = crc(data.numpy(), value)
+            _, _, dtype, shape = layout.parts[name]
+            rows[name] = data.view(dtype).reshape(shape)
+    if value != want:
+        raise FeatureStoreError(
+            f"{source}: shard {shard}: frame {frame_id!r}: checksum mismatch (crc64nvme {value:016x}, "
+            f"the shard says {want:016x})"
+        )
+    features = rows["features"]
+    if features.dtype == torch.int8:
+        features = _dequantise(features, rows["scales"])
+    return features, rows["valid"]
+
+
+def _dequantise(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """int8 features and their float16 scales -> float16 features."""
+    return (q.to(torch.float32) * scales.to(torch.float32) / 127).to(torch.float16)
 
 
 def decode_shard(data: torch.Tensor, entry: ShardEntry, *, source: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,7 +307,7 @@ def decode_shard(data: torch.Tensor, entry: ShardEntry, *, source: str) -> tuple
         tensors = _safetensors_views(data, raw)
         features, valid = tensors["features"], tensors["valid"]
         if features.dtype == torch.int8:
-            features = (features.to(torch.float32) * tensors["scales"].to(torch.float32) / 127).to(torch.float16)
+            features = _dequantise(features, tensors["scales"])
     except Exception as exc:  # noqa: BLE001 - any decoding failure is a corrupt shard
         raise FeatureStoreError(f"{source}: shard {entry.name}: cannot decode ({exc})") from None
     if features.shape[0] != len(entry.frames) or tuple(features.shape[2:]) != tuple(entry.grid):
@@ -217,21 +331,35 @@ def _safetensors_views(data: torch.Tensor, raw: memoryview) -> dict[str, torch.T
     Args:
         data (Tensor[bytes] uint8): the file; ``raw`` is its memoryview.
     """
-    (size,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(bytes(raw[8 : 8 + size]))
-    header.pop("__metadata__", None)
-    start = 8 + size
+    header = _header(raw, data.numel())
+    start = header_size(raw, data.numel())
     out = {}
     for name, meta in header.items():
-        dtype = _ST_DTYPES[meta["dtype"]]
-        begin, end = start + meta["data_offsets"][0], start + meta["data_offsets"][1]
-        if not 0 <= begin <= end <= data.numel() or (end - begin) % dtype.itemsize:
-            raise ValueError(f"tensor {name!r}: data offsets {meta['data_offsets']} do not fit the file")
+        begin, end, dtype, shape = _span(name, meta, start, data.numel())
         part = data[begin:end]
         if begin % dtype.itemsize:
             part = part.clone()
-        out[name] = part.view(dtype).reshape(meta["shape"])
+        out[name] = part.view(dtype).reshape(shape)
     return out
+
+
+def _header(head: bytes | memoryview, total: int) -> dict:
+    """A shard's safetensors header (``head``: its first :func:`header_size` bytes or more),
+    without the metadata."""
+    header = json.loads(bytes(head[8 : header_size(head, total)]))
+    header.pop("__metadata__", None)
+    return header
+
+
+def _span(name: str, meta: dict, start: int, total: int) -> tuple[int, int, torch.dtype, tuple[int, ...]]:
+    """``(begin, end, dtype, shape)`` of a tensor's data in a file of ``total`` bytes whose data
+    begins at ``start``."""
+    dtype = _ST_DTYPES[meta["dtype"]]
+    begin, end = start + meta["data_offsets"][0], start + meta["data_offsets"][1]
+    shape = tuple(meta["shape"])
+    if not start <= begin <= end <= total or end - begin != math.prod(shape) * dtype.itemsize:
+        raise ValueError(f"tensor {name!r}: data offsets {meta['data_offsets']} do not fit the file")
+    return begin, end, dtype, shape
 
 
 def check_finite(features: torch.Tensor, frame_ids: list[str], *, source: str) -> None:
