@@ -328,6 +328,10 @@ def test_a_commit_retried_after_a_conflict_puts_each_shard_once(store_uri, monke
 def test_a_few_frames_of_a_shard_are_read_as_checked_byte_ranges(store_uri, dtype):
     """Two frames of two 64-frame shards: only their byte ranges (and each shard's header and
     tables) are read, and they equal the frames of the whole shards."""
+    from safetensors.torch import load
+
+    from dtm_ops.store.format import crc64nvme
+
     store = _open(store_uri)
     store.append(FP, *_frames(64, (30, 40), prefix="a", seed=1), dtype=dtype)  # 9.6 kB a frame in float16
     store.append(FP, *_frames(64, (30, 40), prefix="b", seed=2), dtype=dtype)
@@ -338,6 +342,12 @@ def test_a_few_frames_of_a_shard_are_read_as_checked_byte_ranges(store_uri, dtyp
     assert set(got) == {"a3", "b15"}
     for fid, (entry, features) in got.items():
         assert entry.frame_id == fid and torch.equal(features, whole[fid][0])
+    # each frame's checksum, by its definition: CRC-64/NVME of its features, scales and valid rows
+    for shard in store.manifest().shards:
+        tensors = load(store.objects.get(SHARDS + shard.name))
+        for r in (0, 7, 63):
+            rows = b"".join(tensors[k][r].numpy().tobytes() for k in ("features", "scales", "valid") if k in tensors)
+            assert tensors["frame_crc64"][r].numpy().tobytes() == int(crc64nvme(rows), 16).to_bytes(8, "little")
     assert all(length < shard_bytes[key] / 8 for key, _, length in reads)
     assert sum(length for _, _, length in reads) < sum(shard_bytes.values()) / 8
 

@@ -278,9 +278,8 @@ class FeatureStore:
                     jobs += [(entry, head, i) for i in rows]
             for (entry, _, i), features in zip(jobs, pool.map(lambda job: self._read_frame(*job), jobs)):
                 out[entry.frames[i].frame_id] = (entry.frames[i], features)
-        rows_of = {entry.name: rows for entry, rows in whole}
-        for entry, features, _ in self.iter_shards([entry for entry, _ in whole]):
-            for i in rows_of[entry.name]:
+        for (entry, rows), (_, features, _) in zip(whole, self.iter_shards([entry for entry, _ in whole])):
+            for i in rows:  # iter_shards yields in the order asked
                 out[entry.frames[i].frame_id] = (entry.frames[i], features[i])
         return out
 

@@ -240,10 +240,11 @@ def shard_layout(head: bytes | memoryview, total: int) -> ShardLayout | None:
     if "frame_crc64" not in header:
         return None
     n = header["frame_crc64"]["shape"][0]
+    start = header_size(head, total)
     parts = {}
     for name in (*FRAME_PARTS, "frame_crc64"):
         if name in header:
-            begin, end, dtype, shape = _span(name, header[name], header_size(head, total), total)
+            begin, end, dtype, shape = _span(name, header[name], start, total)
             if shape[0] != n:
                 raise ValueError(f"tensor {name!r} of shape {shape} does not have one row per frame ({n})")
             parts[name] = (begin, (end - begin) // n if n else 0, dtype, shape[1:])
