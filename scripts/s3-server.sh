@@ -19,7 +19,11 @@ install() {
   fi
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    radosgw ceph-mon ceph-osd ceph-common uuid-runtime >/dev/null
+    radosgw ceph-mon ceph-osd ceph-common >/dev/null
+}
+
+new_uuid() {  # not uuidgen: uuid-runtime may be missing where the Ceph packages are already installed
+  python3 -c 'import uuid; print(uuid.uuid4())'
 }
 
 free_port() {
@@ -31,7 +35,7 @@ start() {
   dir=$(mkdir -p "$dir" && cd "$dir" && pwd)
   local mon_port fsid conf key secret
   mon_port=$(free_port)
-  fsid=$(uuidgen)
+  fsid=$(new_uuid)
   conf=$dir/ceph.conf
   mkdir -p "$dir"/{mon,osd,rgw,run,log}
   cat >"$conf" <<CONF
@@ -77,7 +81,7 @@ CONF
   ceph-mon "${C[@]}" --mkfs -i a --monmap "$dir/monmap" --keyring "$dir/keyring"
   ceph-mon "${C[@]}" -i a
   local osd osd_uuid
-  osd_uuid=$(uuidgen)
+  osd_uuid=$(new_uuid)
   osd=$(ceph "${C[@]}" osd create "$osd_uuid")
   ceph-osd "${C[@]}" -i "$osd" --mkfs --osd-uuid "$osd_uuid" >/dev/null 2>&1
   # A fresh OSD can ask the monitor before it has the monitor map ("wrong fsid"): retry.
