@@ -163,7 +163,8 @@ def index_frames(
 def plan_index_batches(frames_uri: str, features_uri: str, batch_frames: int, max_tasks: int) -> list[str]:
     """Cut the frames not yet indexed into at most ``max_tasks`` batches of at least
     ``batch_frames``; each batch's frame list is written under ``staging/`` of the store
-    (named by its content, so a re-run overwrites it) and its key returned."""
+    (named by its content, so a re-run overwrites it; :meth:`FeatureStore.gc` deletes it
+    later) and its key returned."""
     import hashlib
     import json
     import math
@@ -171,6 +172,7 @@ def plan_index_batches(frames_uri: str, features_uri: str, batch_frames: int, ma
 
     from dtm_ops.media import list_frames
     from dtm_ops.store import FeatureStore
+    from dtm_ops.store.feature_store import STAGING
 
     store = FeatureStore.open(features_uri)
     have = store.manifest().frame_ids() if store.exists() else set()
@@ -179,7 +181,7 @@ def plan_index_batches(frames_uri: str, features_uri: str, batch_frames: int, ma
     keys = []
     for start in range(0, len(todo), size):
         blob = json.dumps(todo[start : start + size]).encode()
-        key = f"staging/index-batch-{hashlib.sha256(blob).hexdigest()[:16]}.json"
+        key = f"{STAGING}index-batch-{hashlib.sha256(blob).hexdigest()[:16]}.json"
         store.objects.put(key, blob)
         keys.append(key)
     return keys

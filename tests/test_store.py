@@ -434,3 +434,110 @@ def test_large_shards_come_whole_or_in_ranged_parts_by_backend(store_uri, monkey
         assert sorted(calls) == [(o, min(part, shard.bytes - o)) for o in range(0, shard.bytes, part)]
     for e, f in zip(entries, feats):
         torch.testing.assert_close(got[e.frame_id][0].float(), f, atol=1e-3, rtol=0)
+
+
+# ----------------------------------------------------------------------------- garbage
+def _orphan_shard(store_uri, frames) -> str:
+    """Put a shard of ``frames`` as a writer that dies before its commit does; its key."""
+    store = _open(store_uri)
+    put = store.objects.put
+    shards = []
+
+    def dying_put(key, data, *, exclusive=False):
+        if key.startswith("manifests/"):
+            raise FeatureStoreError("simulated crash before the manifest")
+        shards.append(key)
+        return put(key, data, exclusive=exclusive)
+
+    store.objects.put = dying_put
+    with pytest.raises(FeatureStoreError, match="simulated crash"):
+        store.append(FP, *frames)
+    (key,) = shards
+    return key
+
+
+def test_gc_deletes_unnamed_shards_and_staging_only_after_the_grace_period(store_uri):
+    import time
+
+    from dtm_ops.store.feature_store import GC_GRACE_S, STAGING
+
+    store = _open(store_uri)
+    store.append(FP, *_frames(2, prefix="a"))
+    store.append(FP, *_frames(3, (4, 4), prefix="b"))  # version 2 names the shards of version 1 too
+    orphan = _orphan_shard(store_uri, _frames(3, prefix="c", seed=3))
+    staged = STAGING + "index-batch-0123456789abcdef.json"
+    store.objects.put(staged, b'[{"uri": "/x/c0.jpg"}]')
+    named = {SHARDS + s.name for s in store.manifest().shards}
+    assert len(named) == 2 and orphan not in named
+    before = _all_frames(_open(store_uri))
+    sizes = {orphan: store.objects.size(orphan), staged: len(b'[{"uri": "/x/c0.jpg"}]')}
+
+    fresh = _open(store_uri).gc()  # everything was written just now: all of it is kept
+    assert (fresh.version, fresh.named, fresh.deleted, fresh.missing) == (2, 2, (), ())
+    assert set(fresh.young) == {orphan, staged}
+
+    later = time.time() + GC_GRACE_S + 60
+    dry = _open(store_uri).gc(now=later, dry_run=True)
+    assert set(dry.deleted) == {orphan, staged} and dry.deleted_bytes == sum(sizes.values())
+    assert store.objects.size(orphan) is not None and store.objects.size(staged) is not None  # nothing deleted
+
+    done = _open(store_uri).gc(now=later)
+    assert set(done.deleted) == {orphan, staged} and done.deleted_bytes == sum(sizes.values()) and not done.young
+    assert set(store.objects.list(SHARDS)) == named and list(store.objects.list(STAGING)) == []
+    reader = _open(store_uri)
+    after = _all_frames(reader)
+    assert set(after) == set(before) == {"a0", "a1", "b0", "b1", "b2"}
+    assert all(torch.equal(after[k][0], before[k][0]) for k in before)
+    assert {f.frame_id for s in reader.manifest(1).shards for f in s.frames} == {"a0", "a1"}
+    for s in reader.manifest(1).shards:  # an old version still reads whole
+        reader.read_shard(s)
+    assert _open(store_uri).gc(now=later).deleted == ()  # nothing left to do
+
+
+def test_gc_keeps_a_shard_committed_while_it_runs(store_uri):
+    """Another writer commits between gc's two looks at the store (its shard list and the
+    manifest), whichever it takes first: the new shard is kept, even with no grace."""
+    store = _open(store_uri)
+    store.append(FP, *_frames(2, prefix="a"))
+    gc_store, other = _open(store_uri), _open(store_uri)
+    list_info, get = gc_store.objects.list_info, gc_store.objects.get
+    state = {"committed": False}
+
+    def commit_once():
+        if not state["committed"]:
+            state["committed"] = True
+            other.append(FP, *_frames(2, (4, 4), prefix="b", seed=1))
+
+    def listing(prefix=""):
+        out = list(list_info(prefix))
+        if prefix == SHARDS:
+            commit_once()
+        return iter(out)
+
+    def getting(key):
+        out = get(key)
+        if key.startswith("manifests/"):
+            commit_once()
+        return out
+
+    gc_store.objects.list_info, gc_store.objects.get = listing, getting
+    report = gc_store.gc(grace_s=0, now=2e9)
+    assert state["committed"] and report.deleted == ()
+    assert set(_all_frames(_open(store_uri))) == {"a0", "a1", "b0", "b1"}
+
+
+def test_gc_names_missing_shards_and_refuses_a_place_with_no_store(store_uri, tmp_path):
+    store = _open(store_uri)
+    store.append(FP, *_frames(2, prefix="a"))
+    store.append(FP, *_frames(2, (4, 4), prefix="b"))
+    lost = SHARDS + store.manifest().shards[0].name
+    store.objects.delete(lost)
+    report = _open(store_uri).gc(grace_s=0, now=2e9)
+    assert report.missing == (lost,) and report.deleted == () and report.named == 2
+    with pytest.raises(FeatureStoreError, match=f"1 shard\\(s\\) named by manifest version 2 are missing: {lost}"):
+        report.check(store.uri)
+    report.__class__(**{**report.__dict__, "missing": ()}).check(store.uri)  # nothing missing: no error
+    with pytest.raises(FeatureStoreError, match="no feature store here"):
+        FeatureStore.open(tmp_path / "nothing").gc()
+    with pytest.raises(ValueError, match="grace_s"):
+        store.gc(grace_s=-1)

@@ -9,9 +9,11 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
@@ -39,6 +41,13 @@ log = logging.getLogger(__name__)
 POINTER = "latest.json"
 PROJECTION = "projection.safetensors"
 SHARDS = "shards/"
+#: Objects a run needs only while it runs (the index DAG's batch lists): :meth:`FeatureStore.gc`
+#: deletes them once they are older than its grace period.
+STAGING = "staging/"
+#: :meth:`FeatureStore.gc` deletes nothing younger than this. A writer puts its shards before
+#: the manifest that names them, so an unnamed shard may be one a commit is about to name;
+#: the grace must exceed the longest commit (one ``append``: encode, put, retry on conflicts).
+GC_GRACE_S = 24 * 3600.0
 #: Stores with ``ranged_reads`` (S3) fetch a shard as parallel ranged GETs of about
 #: ``1 / workers`` of it, at least MIN_PART_BYTES and at most PART_BYTES (parallel parts pay
 #: off on high-latency servers; on a nearby one they cost nothing more). Parts so sized keep
@@ -61,6 +70,35 @@ def part_bytes(size: int, workers: int) -> int:
 
 def manifest_key(version: int) -> str:
     return f"manifests/v{version:010d}.json.gz"
+
+
+@dataclass(frozen=True)
+class GcReport:
+    """What :meth:`FeatureStore.gc` found (keys relative to the store's root)."""
+
+    version: int  #: the manifest version whose shards were kept (0: none committed)
+    named: int  #: shards that manifest names
+    missing: tuple[str, ...]  #: named but absent: scans of the store fail on them
+    young: tuple[str, ...]  #: garbage younger than the grace period, kept
+    deleted: tuple[str, ...]  #: garbage deleted (with ``dry_run``: that would be)
+    deleted_bytes: int
+    dry_run: bool
+
+    def summary(self) -> dict:
+        return {
+            "version": self.version, "named_shards": self.named, "missing_shards": list(self.missing),
+            "kept_young": len(self.young), "deleted": len(self.deleted), "deleted_bytes": self.deleted_bytes,
+            "dry_run": self.dry_run,
+        }
+
+    def check(self, uri: str) -> None:
+        """Raise :class:`FeatureStoreError` naming the missing shards, if any (the garbage was
+        collected all the same)."""
+        if self.missing:
+            raise FeatureStoreError(
+                f"{uri}: {len(self.missing)} shard(s) named by manifest version {self.version} are missing: "
+                + ", ".join(self.missing)
+            )
 
 
 class FeatureStore:
@@ -126,6 +164,41 @@ class FeatureStore:
                 raise FeatureStoreError(f"{self.uri}/{key}: says it is version {m.version}")
             self._manifests[version] = m
         return self._manifests[version]
+
+    # ------------------------------------------------------------------ garbage
+    def gc(self, *, grace_s: float = GC_GRACE_S, dry_run: bool = False, now: float | None = None) -> GcReport:
+        """Delete what no reader will ever use, once it is older than ``grace_s`` seconds:
+        shards the newest manifest does not name, and ``staging/`` objects.
+
+        Unnamed shards are left by index tasks that died between their shards and their
+        commit, and by commits that lost frames to another writer and wrote a smaller shard.
+        Manifests only grow (:meth:`append` is their one writer, and each version holds every
+        shard of the one before), so the newest names every shard an older version names:
+        time travel to an old version keeps working. Shards are listed before the manifest
+        is read, so a commit made meanwhile keeps its shards; a commit still to come is what
+        the grace period protects. ``now`` (seconds since the epoch) is for tests.
+        """
+        if grace_s < 0:
+            raise ValueError(f"grace_s must be >= 0, got {grace_s}")
+        listed = list(self.objects.list_info(SHARDS))
+        version = self.latest_version()
+        if not version and not listed:
+            raise FeatureStoreError(f"{self.uri}: no feature store here (no manifest, no shards)")
+        named = {SHARDS + e.name for e in self.manifest(version).shards} if version else set()
+        found = {o.key for o in listed}
+        garbage = [o for o in listed if o.key not in named] + list(self.objects.list_info(STAGING))
+        cutoff = (time.time() if now is None else now) - grace_s
+        old = [o for o in garbage if o.modified <= cutoff]
+        if not dry_run:
+            for o in old:
+                self.objects.delete(o.key)
+                log.info("%s: deleted %s (%d bytes, unused)", self.uri, o.key, o.bytes)
+        report = GcReport(
+            version=version, named=len(named), missing=tuple(sorted(named - found)),
+            young=tuple(o.key for o in garbage if o.modified > cutoff), deleted=tuple(o.key for o in old),
+            deleted_bytes=sum(o.bytes for o in old), dry_run=dry_run,
+        )
+        return report
 
     # ------------------------------------------------------------------ projection
     def projection(self) -> Projection | None:

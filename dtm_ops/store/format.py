@@ -6,11 +6,14 @@ Layout under a store root (a folder, or ``s3://bucket/prefix``)::
     manifests/v0000000001.json.gz       manifest version 1 (immutable), 2, 3, ...
     latest.json                         {"version": N}: the newest committed version (a hint)
     projection.safetensors              optional PCA projection (its sha256 is in the fingerprint)
+    staging/                            a run's working objects (the index DAG's batch lists)
 
 A commit writes its shards, then creates the next manifest version *exclusively* (a
 second writer of the same version fails and retries on top of the winner), then the
 pointer. Readers take the pointer and probe forward for newer versions, so a reader
 never sees a manifest naming a missing shard, and a lagging pointer costs one request.
+A shard no manifest names (its writer died before the commit, or lost the commit and
+rewrote it smaller) is garbage: ``FeatureStore.gc`` deletes it after a grace period.
 
 A shard is a safetensors file (a JSON header and raw little-endian arrays: reading it
 runs no code, unlike pickle / ``torch.load``) with tensors

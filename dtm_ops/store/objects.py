@@ -12,6 +12,7 @@ Keys are ``/``-separated and relative to the store's root (a folder, or ``s3://b
 from __future__ import annotations
 
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -49,6 +50,15 @@ def check_key(key: str) -> str:
     return key
 
 
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One listed object: its key, byte size and last modification (seconds since the epoch)."""
+
+    key: str
+    bytes: int
+    modified: float
+
+
 class ObjectStore(Protocol):
     uri: str
     #: Whether parallel ranged reads of one large object beat a single read (a high-latency
@@ -68,9 +78,14 @@ class ObjectStore(Protocol):
     def size(self, key: str) -> int | None:
         """Byte size, or ``None`` when the key does not exist."""
 
-    def list(self, prefix: str = "") -> Iterator[str]: ...
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """Keys that start with ``prefix``."""
 
-    def delete(self, key: str) -> None: ...
+    def list_info(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """The same objects as :meth:`list`, with their sizes and modification times."""
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; nothing happens when it does not exist."""
 
 
 def _fill(readinto, out: memoryview, what: str, offset: int) -> None:
@@ -165,14 +180,22 @@ class LocalObjectStore:
             return None
 
     def list(self, prefix: str = "") -> Iterator[str]:
-        base = self.root / prefix
+        return (info.key for info in self.list_info(prefix))
+
+    def list_info(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        base = self.root / check_key(prefix)
         folder = base if base.is_dir() else base.parent
         if not folder.is_dir():
             return
         for p in sorted(folder.rglob("*")):
             rel = p.relative_to(self.root).as_posix()
-            if p.is_file() and rel.startswith(prefix) and not p.name.endswith(".tmp"):
-                yield rel
+            if rel.startswith(prefix) and not p.name.endswith(".tmp"):
+                try:
+                    st = p.stat()
+                except FileNotFoundError:  # deleted since the folder was listed
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    yield ObjectInfo(rel, st.st_size, st.st_mtime)
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -346,12 +369,15 @@ class S3ObjectStore:
             raise err from None
 
     def list(self, prefix: str = "") -> Iterator[str]:
+        return (info.key for info in self.list_info(prefix))
+
+    def list_info(self, prefix: str = "") -> Iterator[ObjectInfo]:
         strip = len(self.prefix) + 1 if self.prefix else 0
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._key(prefix))
             for page in pages:
                 for obj in page.get("Contents", []):
-                    yield obj["Key"][strip:]
+                    yield ObjectInfo(obj["Key"][strip:], int(obj["Size"]), obj["LastModified"].timestamp())
         except Exception as exc:  # noqa: BLE001
             raise self._fail(prefix, exc, "LIST") from None
 
