@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("backbones", help="list the available backbones and their layers")
 
+    gc = sub.add_parser("gc", help="delete a feature store's unused objects: unnamed shards, old staging files")
+    gc.add_argument("--features", required=True, help="feature store: a folder or s3://bucket/prefix")
+    gc.add_argument("--grace-hours", type=float, default=24.0,
+                    help="delete nothing younger than this (default 24): writers put shards before committing them")
+    gc.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
+
     ev = sub.add_parser("eval", help="measure retrieval quality: DTM against pooled-feature baselines, by ROI size")
     evs = ev.add_subparsers(dest="eval_command", required=True)
     eb = evs.add_parser("build", help="write the evaluation sets (seeded): real frames and/or the controlled set")
@@ -253,10 +259,21 @@ def cmd_backbones(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(a: argparse.Namespace) -> int:
+    from dtm_ops.store import FeatureStore
+
+    report = FeatureStore.open(a.features).gc(grace_s=a.grace_hours * 3600, dry_run=a.dry_run)
+    for key in report.deleted:
+        print(f"{'would delete' if a.dry_run else 'deleted'} {key}")
+    print(json.dumps(report.summary()))
+    report.check(a.features)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"extract": cmd_extract, "index": cmd_extract, "search": cmd_search, "demo": cmd_demo, "backbones": cmd_backbones,
-               "eval": cmd_eval}[args.command]
+               "eval": cmd_eval, "gc": cmd_gc}[args.command]
     try:
         return handler(args)
     except (DtmError, FileNotFoundError) as exc:

@@ -126,3 +126,24 @@ def test_push_task_imports_into_label_studio_through_its_airflow_connection(worl
     _airflow(env, "dags", "test", "dtm_mining", "-c", conf)
     again = label_studio.api("GET", "/api/tasks", params={"project": proj["id"], "page_size": 100, "fields": "all"})["tasks"]
     assert sorted(t["data"]["dtm_key"] for t in again) == sorted(t["data"]["dtm_key"] for t in tasks)
+
+
+def test_gc_dag_deletes_unnamed_shards_and_staging_files_and_keeps_the_store_whole(world):
+    """``dtm_store_gc`` with the form's values: a dry run deletes nothing; a run with no grace
+    deletes a shard no manifest names and the index run's batch lists, and every named shard
+    stays (the store still reads all 25 frames)."""
+    from dtm_ops.store import FeatureStore
+
+    shards, staged = set(_keys(world, "features/shards/")), _keys(world, "features/staging/")
+    assert staged  # the index DAG's batch lists
+    orphan = "features/shards/0123456789abcdef0123.safetensors"  # as a writer that died before its commit
+    world["client"].put_object(Bucket=world["bucket"], Key=orphan, Body=_get(world, sorted(shards)[0]))
+
+    dry = _airflow(world["env"], "dags", "test", "dtm_store_gc", "-c", json.dumps({"grace_hours": 0, "dry_run": True}))
+    assert "would delete shards/0123456789abcdef0123.safetensors" in dry.stdout + dry.stderr
+    assert set(_keys(world, "features/shards/")) == shards | {orphan} and _keys(world, "features/staging/") == staged
+
+    _airflow(world["env"], "dags", "test", "dtm_store_gc", "-c", json.dumps({"grace_hours": 0, "dry_run": False}))
+    assert set(_keys(world, "features/shards/")) == shards and _keys(world, "features/staging/") == []
+    store = FeatureStore.open(f"s3://{world['bucket']}/features", s3_config=world["server"].config())
+    assert sum(len(entry.frames) for entry, _, _ in store.iter_shards()) == 25

@@ -121,3 +121,45 @@ def test_missing_image_and_missing_store(lake, features):
     assert r.returncode == 2 and "nope.jpg: record query: field 'image': file not found" in r.stderr
     r = run("search", "--features", str(lake / "nostore"), "--image", "x.jpg", "--box", "0,0,5,5", "--out", str(lake / "x"))
     assert r.returncode == 2 and "no feature store here (no manifest); run 'dtm extract' first" in r.stderr
+
+
+def test_gc_deletes_old_unnamed_shards_lists_them_in_a_dry_run_and_names_missing_ones(features, tmp_path):
+    import os
+    import shutil
+    import time
+
+    from dtm_ops.store import FeatureStore
+
+    feats = tmp_path / "features"
+    shutil.copytree(features[0], feats)
+    (named,) = [p.name for p in (feats / "shards").iterdir()]
+    old = time.time() - 25 * 3600
+    orphan = feats / "shards" / "0123456789abcdef0123.safetensors"
+    fresh = feats / "shards" / "fedcba98765432100123.safetensors"
+    for p in (orphan, fresh):
+        shutil.copy(feats / "shards" / named, p)
+    os.utime(orphan, (old, old))
+    (feats / "staging").mkdir()
+    (feats / "staging" / "index-batch-1.json").write_text("[]")
+    os.utime(feats / "staging" / "index-batch-1.json", (old, old))
+
+    dry = run("gc", "--features", str(feats), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.splitlines()[:2] == ["would delete shards/0123456789abcdef0123.safetensors",
+                                          "would delete staging/index-batch-1.json"]
+    summary = json.loads(dry.stdout.splitlines()[-1])
+    assert (summary["deleted"], summary["kept_young"], summary["dry_run"]) == (2, 1, True)
+    assert summary["deleted_bytes"] == orphan.stat().st_size + 2 and orphan.exists()
+
+    done = run("gc", "--features", str(feats))
+    assert done.returncode == 0 and "deleted shards/0123456789abcdef0123.safetensors" in done.stdout
+    assert sorted(p.name for p in (feats / "shards").iterdir()) == sorted([named, fresh.name])
+    assert not (feats / "staging" / "index-batch-1.json").exists()
+    reader = FeatureStore.open(feats)
+    assert reader.read_shard(reader.manifest().shards[0])[0].shape[0] == 25  # the lake's 25 frames
+
+    (feats / "shards" / named).unlink()
+    broken = run("gc", "--features", str(feats), "--grace-hours", "0")
+    assert broken.returncode == 2 and json.loads(broken.stdout.splitlines()[-1])["deleted"] == 1
+    assert f"dtm: error: {feats}: 1 shard(s) named by manifest version 1 are missing: shards/{named}" in broken.stderr
+    assert not fresh.exists()  # with no grace, the young orphan goes too

@@ -43,7 +43,7 @@ def _probe(path: Path, tmp_path) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", ["dtm_feature_index", "dtm_mining"])
+@pytest.mark.parametrize("name", ["dtm_feature_index", "dtm_mining", "dtm_store_gc"])
 def test_dag_parses_fast_without_heavy_imports(name, tmp_path):
     _probe(DAGS / f"{name}.py", tmp_path)  # warm the interpreter's file cache
     out = _probe(DAGS / f"{name}.py", tmp_path)
