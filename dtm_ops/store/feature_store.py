@@ -193,12 +193,11 @@ class FeatureStore:
             for o in old:
                 self.objects.delete(o.key)
                 log.info("%s: deleted %s (%d bytes, unused)", self.uri, o.key, o.bytes)
-        report = GcReport(
+        return GcReport(
             version=version, named=len(named), missing=tuple(sorted(named - found)),
             young=tuple(o.key for o in garbage if o.modified > cutoff), deleted=tuple(o.key for o in old),
             deleted_bytes=sum(o.bytes for o in old), dry_run=dry_run,
         )
-        return report
 
     # ------------------------------------------------------------------ projection
     def projection(self) -> Projection | None:
