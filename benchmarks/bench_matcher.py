@@ -6,7 +6,8 @@ same run); ratios are measured side by side in one run. Each timing is the best 
 
 CPU (always): the demo backbone's default layer (EfficientNet-Lite0 block_s16: 112
 channels, stride 16) on a 640x480 frame, a 30x40 grid; fp32. The scan's work per batch:
-similarity maps, then the best position per frame.
+similarity maps, then the best position per frame. Freed memory is kept in the process for
+reuse, as a CPU scan keeps it (:mod:`dtm_ops.allocator`; ``DTM_RETAIN_FREED_MB=0``: not).
 
 GPU (when CUDA is present): the grid of issue 7, a 1080p frame at stride 16 (68x120 cells),
 C = 128/256/1024, templates 2x4, 7x12 and 17x30, Q = 1/16/64 queries, fp16, against batched
@@ -140,7 +141,10 @@ def bench_cpu(frames: int, repeat: int, log) -> None:
     g = torch.Generator().manual_seed(0)
     feats = unit((frames, CPU_CHANNELS, *CPU_GRID), g, "cpu", torch.float32)
     sync = lambda: None  # noqa: E731
-    print(f"\n{machine()}: float32, {frames} frames of {CPU_CHANNELS}x{CPU_GRID[0]}x{CPU_GRID[1]}")
+    kept = allocator.retain_freed_memory()  # as a CPU scan's process does; DTM_RETAIN_FREED_MB=0: not
+    memory = f"freed memory kept ({kept >> 20} MiB), as a CPU scan keeps it" if kept else "freed memory returned"
+    print(f"\n{machine()}: float32, {frames} frames of {CPU_CHANNELS}x{CPU_GRID[0]}x{CPU_GRID[1]}; {memory}")
+    log({"kind": "cpu_env", "retain_mb": kept >> 20})
     print(f"{'case':<30} {'engine f/s':>11} {'conv2d f/s':>11} {'naive f/s':>10} {'vs conv2d':>10} {'vs naive':>9}")
     for label, sizes in CPU_CASES:
         temps = [unit((CPU_CHANNELS, h, w), g, "cpu", torch.float32) for h, w in sizes]
