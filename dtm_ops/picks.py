@@ -13,8 +13,12 @@ A pick is kept under its key (:func:`dtm_ops.matching._key`: what is matched, dt
 channels, template sizes, batch size bucket) and the machine it was timed on: the device
 (CPU model and flags and torch's thread count, or the GPU's name and compute capability),
 torch's version and this package's: a pick made on another machine, or by other versions,
-is never used. Delete the file to time everything again: after changing the matcher's
-code within a version, or where the machine's load has changed for good.
+is never used. A pick is timed again once it is older than :data:`MAX_AGE_S` (a week):
+a pick timed while the machine was busy with other work may be wrong while it is not (one
+ran at 0.68x of the best method, ``benchmarks/results/speed/xeon/matcher-cpu-stale-picks.txt``),
+and the age bounds how long that lasts, for one timing a week per case. Delete the file to
+time everything again now: after changing the matcher's code within a version, or where the
+machine's load has changed for good.
 
 ``DTM_PICK_CACHE`` names the folder of the file (``picks.json``); by default
 ``$XDG_CACHE_HOME/dtm-ops``, or ``~/.cache/dtm-ops`` (none without a home folder); ``off``
@@ -34,6 +38,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,7 +47,11 @@ log = logging.getLogger(__name__)
 
 ENV = "DTM_PICK_CACHE"
 FILE = "picks.json"
-FORMAT = 1
+#: Format 2 keeps when each pick was timed; format 1 files (without) are read as timed long
+#: ago, so their picks are timed again and the file rewritten.
+FORMAT = 2
+#: Seconds after which a kept pick is timed again.
+MAX_AGE_S = 7 * 24 * 3600.0
 
 #: Picks a file keeps: the newest. A day's queries bring new template sizes, hence new
 #: keys, and the file is rewritten whole.
@@ -69,12 +78,15 @@ def path() -> Path | None:
 
 
 def recall(key: tuple) -> tuple[str, float] | None:
-    """``(method, seconds)`` kept for ``key`` on this machine, or ``None``."""
+    """``(method, seconds)`` kept for ``key`` on this machine, or ``None`` (none, or timed
+    more than :data:`MAX_AGE_S` ago)."""
     file = path()
     if file is None:
         return None
     got = _table(file).get(_entry(key))
-    return (got[0], float(got[1])) if got else None
+    if not got or _now() - got[2] > MAX_AGE_S:
+        return None
+    return got[0], float(got[1])
 
 
 def remember(key: tuple, method: str, seconds: float) -> None:
@@ -83,8 +95,13 @@ def remember(key: tuple, method: str, seconds: float) -> None:
     file = path()
     if file is None:
         return
-    _table(file)[_entry(key)] = [method, seconds]
+    _table(file)[_entry(key)] = [method, seconds, round(_now(), 3)]
     _pending.add(file)
+
+
+def _now() -> float:
+    """Seconds since the epoch (a function, for tests)."""
+    return time.time()
 
 
 def flush() -> None:
@@ -99,10 +116,13 @@ def flush() -> None:
         try:
             with _locked(file):  # no other process writes between our read and our write
                 try:
-                    merged = {**_read(file), **table}  # theirs, then ours (new keys last)
+                    merged = _read(file)
                 except (OSError, ValueError):
-                    merged = dict(table)  # an unreadable file (reported when first read) is replaced
-                merged = dict(list(merged.items())[-MAX_PICKS:])
+                    merged = {}  # an unreadable file (reported when first read) is replaced
+                for k, v in table.items():  # each key's latest timing, theirs or ours
+                    if k not in merged or v[2] >= merged[k][2]:
+                        merged[k] = v
+                merged = dict(sorted(merged.items(), key=lambda kv: kv[1][2])[-MAX_PICKS:])  # the newest
                 atomic_write(file, json.dumps({"format": FORMAT, "picks": merged}, indent=0).encode())
         except OSError as e:
             _warn(file, "write", f"cannot write {file} ({e}); the matcher's picks stay in memory")
@@ -141,19 +161,23 @@ def _table(file: Path) -> dict[str, list]:
 
 
 def _read(file: Path) -> dict[str, list]:
-    """The file's picks (none where there is no file); ``ValueError`` where it is not a picks
-    file of this format."""
+    """The file's picks, each ``[method, seconds, timed at]`` (none where there is no file;
+    format 1's, without the time, as timed at 0); ``ValueError`` where it is not a picks file
+    of format 1 or 2."""
     try:
         doc = json.loads(file.read_bytes())
     except FileNotFoundError:
         return {}
-    picks = doc.get("picks") if isinstance(doc, dict) and doc.get("format") == FORMAT else None
+    form = doc.get("format") if isinstance(doc, dict) else None
+    picks = doc.get("picks") if form in (1, FORMAT) else None
+    fields = 2 if form == 1 else 3
     if not isinstance(picks, dict) or not all(
-        isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and isinstance(v[1], (int, float))
+        isinstance(v, list) and len(v) == fields and isinstance(v[0], str)
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v[1:])
         for v in picks.values()
     ):
         raise ValueError(f"not a picks file of format {FORMAT}")
-    return picks
+    return {k: v if fields == 3 else [*v, 0.0] for k, v in picks.items()}
 
 
 def _warn(file: Path, what: str, message: str) -> None:

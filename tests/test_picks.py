@@ -119,19 +119,19 @@ def test_an_unreadable_file_is_reported_once_then_rewritten(monkeypatch, tmp_pat
     monkeypatch.setenv(picks.ENV, str(tmp_path))
     monkeypatch.setattr(picks, "_tables", {})
     monkeypatch.setattr(picks, "_warned", set())
-    (tmp_path / picks.FILE).write_text('{"format": 1, "picks": {"x": "not a pick"}}')
+    (tmp_path / picks.FILE).write_text('{"format": 2, "picks": {"x": ["fold", 0.5]}}')  # no time
     key = ("best-set", "cpu", torch.float32, (8, 6, 7), (((2, 3), (3, 3)), 3), 3)
     with caplog.at_level(logging.WARNING, logger="dtm_ops.picks"):
         assert picks.recall(key) is None
         assert picks.recall(key) is None
     assert [r.getMessage() for r in caplog.records] == [
-        f"cannot read {tmp_path / picks.FILE} (not a picks file of format 1); picks are timed anew "
+        f"cannot read {tmp_path / picks.FILE} (not a picks file of format 2); picks are timed anew "
         "(the file is rewritten on the next pick)"
     ]
     picks.remember(key, "fft", 0.125)
     picks.flush()  # the broken file is replaced, not merged
     doc = json.loads((tmp_path / picks.FILE).read_text())
-    assert list(doc["picks"].values()) == [["fft", 0.125]]
+    assert [v[:2] for v in doc["picks"].values()] == [["fft", 0.125]]
 
 
 def test_a_file_that_cannot_be_written_leaves_the_picks_in_memory(monkeypatch, tmp_path, caplog):
@@ -264,3 +264,47 @@ def test_a_process_that_flushes_while_another_merges_waits_for_it(tmp_path):
     assert (a.returncode, b.wait(timeout=120)) == (0, 0)
     kept = {json.loads(k)[3][5]: v[0] for k, v in picks._read(tmp_path / "picks" / picks.FILE).items()}
     assert kept == {3: "a", 4: "b"}
+
+
+def test_a_pick_older_than_a_week_is_timed_again_and_the_latest_timing_wins(monkeypatch, tmp_path):
+    """A pick timed while the machine was busy does not stay for good: after MAX_AGE_S it is
+    no longer recalled, and the new timing replaces it in the file, even where another
+    process still holds the old one in memory."""
+    monkeypatch.setenv(picks.ENV, str(tmp_path))
+    clock = {"now": 1_000_000.0}
+    monkeypatch.setattr(picks, "_now", lambda: clock["now"])
+    key = ("best", "cpu", torch.float32, (8, 6, 7), (16, 8, 4, 3), 9)
+    monkeypatch.setattr(picks, "_tables", {})  # process 1 times it, busy
+    picks.remember(key, "slices", 0.08)
+    picks.flush()
+    monkeypatch.setattr(picks, "_tables", {})  # process 2, six days on, reads it
+    clock["now"] += 6 * 86400
+    assert picks.recall(key) == ("slices", 0.08)
+    old_reader = picks._tables
+    monkeypatch.setattr(picks, "_tables", {})  # process 3, eight days on: too old, timed again
+    clock["now"] += 2 * 86400
+    assert picks.recall(key) is None
+    picks.remember(key, "conv", 0.06)
+    picks.flush()
+    monkeypatch.setattr(picks, "_tables", old_reader)  # process 2 flushes another pick with its old copy
+    other = ("best", "cpu", torch.float32, (8, 6, 7), (1, 8, 4, 3), 9)
+    picks.remember(other, "fold", 0.01)
+    picks.flush()
+    monkeypatch.setattr(picks, "_tables", {})
+    assert (picks.recall(key), picks.recall(other)) == (("conv", 0.06), ("fold", 0.01))
+    assert picks.MAX_AGE_S == 7 * 86400
+
+
+def test_a_format_1_file_is_read_and_its_picks_timed_again(monkeypatch, tmp_path):
+    """Files written before picks kept their time: no warning, every pick timed again, and the
+    file rewritten in format 2."""
+    monkeypatch.setenv(picks.ENV, str(tmp_path))
+    monkeypatch.setattr(picks, "_tables", {})
+    monkeypatch.setattr(picks, "_warned", set())
+    key = ("best", "cpu", torch.float32, (8, 6, 7), (1, 8, 2, 3), 3)
+    (tmp_path / picks.FILE).write_text(json.dumps({"format": 1, "picks": {picks._entry(key): ["fold", 0.5]}}))
+    assert picks.recall(key) is None and not picks._warned
+    picks.remember(key, "slices", 0.25)
+    picks.flush()
+    doc = json.loads((tmp_path / picks.FILE).read_text())
+    assert doc["format"] == 2 and [v[:2] for v in doc["picks"].values()] == [["slices", 0.25]]
