@@ -541,3 +541,28 @@ def test_gc_names_missing_shards_and_refuses_a_place_with_no_store(store_uri, tm
         FeatureStore.open(tmp_path / "nothing").gc()
     with pytest.raises(ValueError, match="grace_s"):
         store.gc(grace_s=-1)
+
+
+def test_gc_deletes_what_a_killed_local_writer_left_half_written(tmp_path):
+    """A local write goes to a temporary name first (fileio.atomic_write); a writer killed in
+    between leaves it behind, unseen by readers: gc deletes it once it is old."""
+    import os
+    import time
+
+    from dtm_ops.store.feature_store import GC_GRACE_S
+
+    root = tmp_path / "store"
+    store = FeatureStore.open(root)
+    store.append(FP, *_frames(2, prefix="a"))
+    left = {"shards/.0123456789abcdef0123.safetensors.5f0c.tmp": 100, "manifests/.v0000000002.json.gz.9e1d.tmp": 10}
+    old = time.time() - GC_GRACE_S - 60
+    for key, size in left.items():
+        (root / key).write_bytes(b"x" * size)
+        os.utime(root / key, (old, old))
+    (root / ".latest.json.77aa.tmp").write_bytes(b"{}")  # a write in progress
+    assert not any(k.endswith(".tmp") for k in store.objects.list())  # readers never see them
+    report = store.gc()
+    assert set(report.deleted) == set(left) and report.deleted_bytes == 110
+    assert report.young == (".latest.json.77aa.tmp",) and (root / ".latest.json.77aa.tmp").exists()
+    assert not any((root / key).exists() for key in left)
+    assert set(_all_frames(FeatureStore.open(root))) == {"a0", "a1"}

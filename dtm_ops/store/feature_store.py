@@ -168,7 +168,8 @@ class FeatureStore:
     # ------------------------------------------------------------------ garbage
     def gc(self, *, grace_s: float = GC_GRACE_S, dry_run: bool = False, now: float | None = None) -> GcReport:
         """Delete what no reader will ever use, once it is older than ``grace_s`` seconds:
-        shards the newest manifest does not name, and ``staging/`` objects.
+        shards the newest manifest does not name, ``staging/`` objects, and writes left half
+        done (a local store's temporary files of a killed writer).
 
         Unnamed shards are left by index tasks that died between their shards and their
         commit, and by commits that lost frames to another writer and wrote a smaller shard.
@@ -187,6 +188,7 @@ class FeatureStore:
         named = {SHARDS + e.name for e in self.manifest(version).shards} if version else set()
         found = {o.key for o in listed}
         garbage = [o for o in listed if o.key not in named] + list(self.objects.list_info(STAGING))
+        garbage += self.objects.list_partial()  # writes a killed process left half done (a folder's temp files)
         cutoff = (time.time() if now is None else now) - grace_s
         old = [o for o in garbage if o.modified <= cutoff]
         if not dry_run:

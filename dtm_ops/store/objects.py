@@ -84,6 +84,10 @@ class ObjectStore(Protocol):
     def list_info(self, prefix: str = "") -> Iterator[ObjectInfo]:
         """The same objects as :meth:`list`, with their sizes and modification times."""
 
+    def list_partial(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """What writers began under ``prefix`` and never finished nor removed (a local
+        write's temporary file, left by a killed process); :meth:`delete` takes their keys."""
+
     def delete(self, key: str) -> None:
         """Remove ``key``; nothing happens when it does not exist."""
 
@@ -183,13 +187,19 @@ class LocalObjectStore:
         return (info.key for info in self.list_info(prefix))
 
     def list_info(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        return self._files(prefix, partial=False)
+
+    def list_partial(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        return self._files(prefix, partial=True)  # atomic_write's temporary names
+
+    def _files(self, prefix: str, *, partial: bool) -> Iterator[ObjectInfo]:
         base = self.root / check_key(prefix)
         folder = base if base.is_dir() else base.parent
         if not folder.is_dir():
             return
         for p in sorted(folder.rglob("*")):
             rel = p.relative_to(self.root).as_posix()
-            if rel.startswith(prefix) and not p.name.endswith(".tmp"):
+            if rel.startswith(prefix) and p.name.endswith(".tmp") == partial:
                 try:
                     st = p.stat()
                 except FileNotFoundError:  # deleted since the folder was listed
@@ -380,6 +390,9 @@ class S3ObjectStore:
                     yield ObjectInfo(obj["Key"][strip:], int(obj["Size"]), obj["LastModified"].timestamp())
         except Exception as exc:  # noqa: BLE001
             raise self._fail(prefix, exc, "LIST") from None
+
+    def list_partial(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        return iter(())  # a PUT is atomic (multipart uploads are not used): nothing is left half written
 
     def delete(self, key: str) -> None:
         try:
