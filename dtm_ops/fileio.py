@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from pathlib import Path
+
+#: The temporary name :func:`atomic_write` writes ``<name>`` under, before renaming it.
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one of :func:`atomic_write`'s temporary names (a writer killed
+    between its write and its rename leaves one behind)."""
+    return _TEMPORARY.fullmatch(name) is not None
 
 
 class FileExists(FileExistsError):

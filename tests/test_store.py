@@ -554,15 +554,33 @@ def test_gc_deletes_what_a_killed_local_writer_left_half_written(tmp_path):
     root = tmp_path / "store"
     store = FeatureStore.open(root)
     store.append(FP, *_frames(2, prefix="a"))
-    left = {"shards/.0123456789abcdef0123.safetensors.5f0c.tmp": 100, "manifests/.v0000000002.json.gz.9e1d.tmp": 10}
+    left = {f"shards/.0123456789abcdef0123.safetensors.{'5f' * 16}.tmp": 100,
+            f"manifests/.v0000000002.json.gz.{'9e' * 16}.tmp": 10}
     old = time.time() - GC_GRACE_S - 60
     for key, size in left.items():
         (root / key).write_bytes(b"x" * size)
         os.utime(root / key, (old, old))
-    (root / ".latest.json.77aa.tmp").write_bytes(b"{}")  # a write in progress
+    young = f".latest.json.{'77' * 16}.tmp"
+    (root / young).write_bytes(b"{}")  # a write in progress
+    (root / "shards" / "notes.tmp").write_bytes(b"")  # not a name of atomic_write's: left alone
+    os.utime(root / "shards" / "notes.tmp", (old, old))
     assert not any(k.endswith(".tmp") for k in store.objects.list())  # readers never see them
     report = store.gc()
     assert set(report.deleted) == set(left) and report.deleted_bytes == 110
-    assert report.young == (".latest.json.77aa.tmp",) and (root / ".latest.json.77aa.tmp").exists()
+    assert report.young == (young,) and (root / young).exists() and (root / "shards" / "notes.tmp").exists()
     assert not any((root / key).exists() for key in left)
     assert set(_all_frames(FeatureStore.open(root))) == {"a0", "a1"}
+
+
+
+def test_the_temporary_names_gc_collects_are_those_atomic_write_uses(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from dtm_ops import fileio
+
+    renamed = []
+    replace = fileio.os.replace
+    monkeypatch.setattr(fileio.os, "replace", lambda src, dst: renamed.append(Path(src).name) or replace(src, dst))
+    FeatureStore.open(tmp_path).objects.put("shards/x.safetensors", b"x")
+    assert len(renamed) == 1 and fileio.is_temporary(renamed[0])
+    assert not fileio.is_temporary("x.safetensors") and not fileio.is_temporary("notes.tmp")

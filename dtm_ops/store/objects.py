@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from dtm_ops.errors import FeatureStoreError
-from dtm_ops.fileio import FileExists, atomic_write
+from dtm_ops.fileio import FileExists, atomic_write, is_temporary
 
 
 class ObjectNotFound(FeatureStoreError):
@@ -199,7 +199,7 @@ class LocalObjectStore:
             return
         for p in sorted(folder.rglob("*")):
             rel = p.relative_to(self.root).as_posix()
-            if rel.startswith(prefix) and p.name.endswith(".tmp") == partial:
+            if rel.startswith(prefix) and (is_temporary(p.name) if partial else not p.name.endswith(".tmp")):
                 try:
                     st = p.stat()
                 except FileNotFoundError:  # deleted since the folder was listed
