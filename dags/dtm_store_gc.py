@@ -7,7 +7,8 @@ Every manifest version stays readable. Fails, after collecting, when shards the 
 names are missing: scans of the store would fail on them.
 
 Weekly; trigger it with the form for a dry run (it lists what would be deleted) or another
-grace period. Settings: `DTM_FEATURES_URI` and the AWS connection (`dtm_ops/settings.py`).
+grace period. Settings: `DTM_FEATURES_URI`, `DTM_GC_GRACE_HOURS` (the scheduled runs' grace,
+default 24) and the AWS connection (`dtm_ops/settings.py`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ S = Settings.from_env()
     max_active_runs=1,
     **S.dag_defaults("maintenance", __doc__),
     params={
-        "grace_hours": Param(24, type="number", minimum=0, title="Grace period (hours)",
+        "grace_hours": Param(S.gc_grace_hours, type="number", minimum=0, title="Grace period (hours)",
                              description="Delete nothing younger: a writer puts its shards before it commits them."),
         "dry_run": Param(False, type="boolean", title="Dry run",
                          description="List what would be deleted; delete nothing."),
@@ -34,18 +35,13 @@ S = Settings.from_env()
 def dtm_store_gc():
     @task
     def collect_garbage(params: dict) -> dict:
-        import logging
-
+        """Each deleted key is logged by the store; the summary is the task's XCom."""
         from dtm_ops.settings import use_airflow_connection
         from dtm_ops.store import FeatureStore
 
         use_airflow_connection(S.aws_conn_id)
         report = FeatureStore.open(S.features_uri).gc(grace_s=params["grace_hours"] * 3600, dry_run=params["dry_run"])
-        log = logging.getLogger("dtm_ops.gc")
-        for key in report.deleted:
-            log.info("%s %s", "would delete" if report.dry_run else "deleted", key)
-        log.info("%s: %s", S.features_uri, report.summary())
-        report.check(S.features_uri)
+        report.check()
         return report.summary()
 
     collect_garbage()

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from dtm_ops.errors import DtmError, InputError
+from dtm_ops.settings import GC_GRACE_HOURS
 
 SCALES_HELP = "comma-separated template scales (object size in frames relative to the query), default 0.25..8 in sqrt(2) steps"
 
@@ -69,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     gc = sub.add_parser("gc", help="delete a feature store's unused objects: unnamed shards, old staging files")
     gc.add_argument("--features", required=True, help="feature store: a folder or s3://bucket/prefix")
-    gc.add_argument("--grace-hours", type=float, default=24.0,
-                    help="delete nothing younger than this (default 24): writers put shards before committing them")
+    gc.add_argument("--grace-hours", type=float, default=GC_GRACE_HOURS,
+                    help=f"delete nothing younger than this (default {GC_GRACE_HOURS:g}): writers put shards before "
+                         "committing them")
     gc.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
 
     ev = sub.add_parser("eval", help="measure retrieval quality: DTM against pooled-feature baselines, by ROI size")
@@ -264,9 +266,9 @@ def cmd_gc(a: argparse.Namespace) -> int:
 
     report = FeatureStore.open(a.features).gc(grace_s=a.grace_hours * 3600, dry_run=a.dry_run)
     for key in report.deleted:
-        print(f"{'would delete' if a.dry_run else 'deleted'} {key}")
+        print(report.verb, key)
     print(json.dumps(report.summary()))
-    report.check(a.features)
+    report.check()
     return 0
 
 

@@ -17,6 +17,7 @@ Cheap to import (the DAG files read it at parse time). Locations may be folders 
 | DTM_MAX_INDEX_TASKS | 16 | upper bound of mapped indexing tasks |
 | DTM_GPU_POOL / DTM_GPU_QUEUE | gpu / gpu | pool and queue of the GPU tasks |
 | DTM_RETRY_DELAY_S | 30 | seconds between a failed task's tries |
+| DTM_GC_GRACE_HOURS | 24 | the scheduled `dtm_store_gc` run deletes nothing younger (`FeatureStore.gc`) |
 | DTM_PREFETCH_MB | 512 | the scan's read-ahead budget; read by the feature store in the worker's own process (not here), so each worker can set its own (a GPU worker on fast storage: several shards' worth) |
 | DTM_RETAIN_FREED_MB | 1024 | MiB of freed memory a CPU scan's process keeps for reuse, 0: off (`dtm_ops/allocator.py`; read in the worker's own process) |
 | DTM_PICK_CACHE | ~/.cache/dtm-ops | folder where a worker keeps the matcher's method picks for its later tasks, off: none (`dtm_ops/picks.py`; read in the worker's own process) |
@@ -28,6 +29,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+
+
+#: Hours :meth:`dtm_ops.store.FeatureStore.gc` leaves garbage alone by default. A writer puts
+#: its shards before the manifest that names them, so an unnamed shard may be one a commit is
+#: about to name: the grace must exceed the longest commit (one ``append``: encode, put, retry
+#: on conflicts). Here, not in the store, so that the DAG's form can show it at parse time.
+GC_GRACE_HOURS = 24.0
 
 
 def _abs(uri: str) -> str:
@@ -55,6 +63,7 @@ class Settings:
     aws_conn_id: str
     retry_delay_s: float
     ls_conn_id: str
+    gc_grace_hours: float = GC_GRACE_HOURS
 
     def dag_defaults(self, role: str, doc: str | None) -> dict:
         """What every dtm DAG shares: start date, no catch-up, tags, docs and the retry policy."""
@@ -87,6 +96,7 @@ class Settings:
             aws_conn_id=e.get("DTM_AWS_CONN_ID", "aws_default"),
             retry_delay_s=float(e.get("DTM_RETRY_DELAY_S", "30")),
             ls_conn_id=e.get("DTM_LS_CONN_ID", "label_studio_default"),
+            gc_grace_hours=float(e.get("DTM_GC_GRACE_HOURS", str(GC_GRACE_HOURS))),
         )
 
 

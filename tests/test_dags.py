@@ -28,6 +28,7 @@ out = {"seconds": took, "heavy": sorted(m for m in json.loads(sys.argv[2]) if m 
 for d in dags:
     out["dags"].append({
         "dag_id": d.dag_id, "tags": sorted(d.tags), "params": sorted(d.params.keys()),
+        "defaults": {k: d.params[k] for k in d.params.keys() if isinstance(d.params[k], (int, float, str, bool))},
         "tasks": {t.task_id: {"retries": t.retries, "pool": t.pool, "queue": t.queue,
                               "mapped": "Mapped" in type(t).__name__} for t in d.tasks},
     })
@@ -35,8 +36,9 @@ print(json.dumps(out))
 """
 
 
-def _probe(path: Path, tmp_path) -> dict:
-    env = {"AIRFLOW_HOME": str(tmp_path / "airflow"), "PATH": str(Path(sys.executable).parent), "DTM_HOME": str(tmp_path)}
+def _probe(path: Path, tmp_path, **env_vars: str) -> dict:
+    env = {"AIRFLOW_HOME": str(tmp_path / "airflow"), "PATH": str(Path(sys.executable).parent), "DTM_HOME": str(tmp_path),
+           **env_vars}
     r = subprocess.run([sys.executable, "-c", PROBE, str(path), json.dumps(HEAVY)], capture_output=True, text=True,
                        env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -63,6 +65,13 @@ def test_mining_dag_maps_the_scan_on_the_gpu_pool_and_has_the_form(tmp_path):
     assert {"report_uri", "frame_uri", "boxes", "class_name", "top_k", "min_score", "scales", "mode", "dedupe_window", "sink", "dry_run"} <= set(dag["params"])
     order = ["fetch_reports", "validate_reports", "build_templates", "plan_scan", "scan", "merge", "validate_results", "push", "publish_report"]
     assert set(order) == set(dag["tasks"])
+
+
+def test_gc_dag_form_takes_its_grace_period_from_the_environment(tmp_path):
+    """The scheduled run's grace period is the form's default: DTM_GC_GRACE_HOURS, else 24."""
+    assert _probe(DAGS / "dtm_store_gc.py", tmp_path)["dags"][0]["defaults"] == {"grace_hours": 24.0, "dry_run": False}
+    dag = _probe(DAGS / "dtm_store_gc.py", tmp_path, DTM_GC_GRACE_HOURS="6")["dags"][0]
+    assert dag["defaults"]["grace_hours"] == 6.0 and list(dag["tasks"]) == ["collect_garbage"]
 
 
 def test_index_dag_maps_batches_on_the_gpu_pool(tmp_path):

@@ -535,8 +535,8 @@ def test_gc_names_missing_shards_and_refuses_a_place_with_no_store(store_uri, tm
     report = _open(store_uri).gc(grace_s=0, now=2e9)
     assert report.missing == (lost,) and report.deleted == () and report.named == 2
     with pytest.raises(FeatureStoreError, match=f"1 shard\\(s\\) named by manifest version 2 are missing: {lost}"):
-        report.check(store.uri)
-    report.__class__(**{**report.__dict__, "missing": ()}).check(store.uri)  # nothing missing: no error
+        report.check()
+    report.__class__(**{**report.__dict__, "missing": ()}).check()  # nothing missing: no error
     with pytest.raises(FeatureStoreError, match="no feature store here"):
         FeatureStore.open(tmp_path / "nothing").gc()
     with pytest.raises(ValueError, match="grace_s"):

@@ -20,6 +20,7 @@ import torch
 from dtm_ops.errors import FeatureStoreError
 from dtm_ops.fingerprint import Fingerprint
 from dtm_ops.projection import Projection
+from dtm_ops.settings import GC_GRACE_HOURS
 from dtm_ops.store.format import (
     DTYPES,
     FrameEntry,
@@ -44,10 +45,8 @@ SHARDS = "shards/"
 #: Objects a run needs only while it runs (the index DAG's batch lists): :meth:`FeatureStore.gc`
 #: deletes them once they are older than its grace period.
 STAGING = "staging/"
-#: :meth:`FeatureStore.gc` deletes nothing younger than this. A writer puts its shards before
-#: the manifest that names them, so an unnamed shard may be one a commit is about to name;
-#: the grace must exceed the longest commit (one ``append``: encode, put, retry on conflicts).
-GC_GRACE_S = 24 * 3600.0
+#: :meth:`FeatureStore.gc` deletes nothing younger than this (:data:`dtm_ops.settings.GC_GRACE_HOURS`).
+GC_GRACE_S = GC_GRACE_HOURS * 3600
 #: Stores with ``ranged_reads`` (S3) fetch a shard as parallel ranged GETs of about
 #: ``1 / workers`` of it, at least MIN_PART_BYTES and at most PART_BYTES (parallel parts pay
 #: off on high-latency servers; on a nearby one they cost nothing more). Parts so sized keep
@@ -76,6 +75,7 @@ def manifest_key(version: int) -> str:
 class GcReport:
     """What :meth:`FeatureStore.gc` found (keys relative to the store's root)."""
 
+    uri: str  #: the store
     version: int  #: the manifest version whose shards were kept (0: none committed)
     named: int  #: shards that manifest names
     missing: tuple[str, ...]  #: named but absent: scans of the store fail on them
@@ -84,6 +84,11 @@ class GcReport:
     deleted_bytes: int
     dry_run: bool
 
+    @property
+    def verb(self) -> str:
+        """What was done to :attr:`deleted`."""
+        return "would delete" if self.dry_run else "deleted"
+
     def summary(self) -> dict:
         return {
             "version": self.version, "named_shards": self.named, "missing_shards": list(self.missing),
@@ -91,12 +96,12 @@ class GcReport:
             "dry_run": self.dry_run,
         }
 
-    def check(self, uri: str) -> None:
+    def check(self) -> None:
         """Raise :class:`FeatureStoreError` naming the missing shards, if any (the garbage was
         collected all the same)."""
         if self.missing:
             raise FeatureStoreError(
-                f"{uri}: {len(self.missing)} shard(s) named by manifest version {self.version} are missing: "
+                f"{self.uri}: {len(self.missing)} shard(s) named by manifest version {self.version} are missing: "
                 + ", ".join(self.missing)
             )
 
@@ -191,15 +196,16 @@ class FeatureStore:
         garbage += self.objects.list_partial()  # writes a killed process left half done (a folder's temp files)
         cutoff = (time.time() if now is None else now) - grace_s
         old = [o for o in garbage if o.modified <= cutoff]
-        if not dry_run:
-            for o in old:
-                self.objects.delete(o.key)
-                log.info("%s: deleted %s (%d bytes, unused)", self.uri, o.key, o.bytes)
-        return GcReport(
-            version=version, named=len(named), missing=tuple(sorted(named - found)),
+        report = GcReport(
+            uri=self.uri, version=version, named=len(named), missing=tuple(sorted(named - found)),
             young=tuple(o.key for o in garbage if o.modified > cutoff), deleted=tuple(o.key for o in old),
             deleted_bytes=sum(o.bytes for o in old), dry_run=dry_run,
         )
+        for o in old:
+            if not dry_run:
+                self.objects.delete(o.key)
+            log.info("%s: %s %s (%d bytes, unused)", self.uri, report.verb, o.key, o.bytes)
+        return report
 
     # ------------------------------------------------------------------ projection
     def projection(self) -> Projection | None:
