@@ -1,5 +1,8 @@
-"""DAG integrity: both DAGs parse fast, without heavy imports, with retries, tags, pools
-and the trigger form. Each DAG file is imported in a clean interpreter, as the DAG processor would."""
+"""DAG integrity: the DAGs parse without heavy imports, with retries, tags, pools and the
+trigger form. Each DAG file is imported in a clean interpreter, as the DAG processor would.
+
+How long a DAG file takes to parse is measured by ``benchmarks/bench_dag_parse.py``, against
+a minimal DAG in the same run, not asserted here: a timed test fails on a busy machine."""
 
 from __future__ import annotations
 
@@ -14,17 +17,16 @@ DAGS = Path(__file__).resolve().parents[1] / "dags"
 HEAVY = ["torch", "torchvision", "boto3", "botocore", "great_expectations", "numpy", "PIL", "pandas", "av", "safetensors"]
 
 PROBE = r"""
-import importlib.util, json, sys, time
-t = time.perf_counter()
+import importlib.util, json, sys
 from airflow.sdk.definitions._internal.contextmanager import DagContext
 spec = importlib.util.spec_from_file_location("dagfile", sys.argv[1])
 mod = importlib.util.module_from_spec(spec)
 sys.modules["dagfile"] = mod
 DagContext.current_autoregister_module_name = "dagfile"  # as the DAG processor does
 spec.loader.exec_module(mod)
-took = time.perf_counter() - t
 dags = [d for d, _ in DagContext.autoregistered_dags]
-out = {"seconds": took, "heavy": sorted(m for m in json.loads(sys.argv[2]) if m in sys.modules), "dags": []}
+out = {"heavy": sorted(m for m in json.loads(sys.argv[2]) if m in sys.modules),
+       "project": sorted(m for m in sys.modules if m.split(".")[0] == "dtm_ops"), "dags": []}
 for d in dags:
     out["dags"].append({
         "dag_id": d.dag_id, "tags": sorted(d.tags), "params": sorted(d.params.keys()),
@@ -46,12 +48,12 @@ def _probe(path: Path, tmp_path, **env_vars: str) -> dict:
 
 
 @pytest.mark.parametrize("name", ["dtm_feature_index", "dtm_mining", "dtm_store_gc"])
-def test_dag_parses_fast_without_heavy_imports(name, tmp_path):
-    _probe(DAGS / f"{name}.py", tmp_path)  # warm the interpreter's file cache
+def test_dag_parses_without_heavy_imports(name, tmp_path):
     out = _probe(DAGS / f"{name}.py", tmp_path)
     assert [d["dag_id"] for d in out["dags"]] == [name]
     assert out["heavy"] == [], f"imported at parse time: {out['heavy']}"
-    assert out["seconds"] < 2.0, f"took {out['seconds']:.2f}s to parse"
+    # the settings module only: everything else of the package is imported by task bodies
+    assert out["project"] == ["dtm_ops", "dtm_ops.settings"], f"imported at parse time: {out['project']}"
     dag = out["dags"][0]
     assert "dtm" in dag["tags"]
     assert all(t["retries"] >= 0 for t in dag["tasks"].values())
