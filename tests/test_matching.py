@@ -174,31 +174,68 @@ def test_auto_times_each_method_once_and_remembers_the_pick(monkeypatch):
         patchwise_cosine(feats, temps, method="fft")
 
 
-def test_a_method_clearly_slower_than_the_best_so_far_is_timed_once(monkeypatch):
-    """On a clock the methods advance (1, 3 and 1.5 units a batch, in the order they are
-    tried): the one that took more than SURE_SLOWER times the best before it runs once,
-    the others twice; the fastest is picked."""
-    clock = [0.0]
+def _clocked_methods(monkeypatch, cost) -> list:
+    """The group methods, each advancing a fake clock by ``cost(name, run)`` per timed run
+    (``run``: how many timed runs of any method came before); warm-ups (one frame) are free.
+    Returns the log of timed runs' method names."""
+    clock, runs = [0.0], []
     monkeypatch.setattr(matching.time, "perf_counter", lambda: clock[0])
-    cost = dict(zip(matching._GROUP_METHODS, (1.0, 3.0, 1.5)))
-    assert matching.SURE_SLOWER * min(cost.values()) < 3.0
-    calls = []
     for name, fn in list(matching._GROUP_METHODS.items()):
         def timed(f, g, b, fn=fn, name=name):
-            calls.append((name, len(f)))
-            clock[0] += cost[name] if len(f) > 1 else 0.0  # the warm-up (one frame) is free
+            if len(f) > 1:
+                clock[0] += cost(name, len(runs))
+                runs.append(name)
             return fn(f, g, b)
         monkeypatch.setitem(matching._GROUP_METHODS, name, timed)
     monkeypatch.setattr(matching, "_picked", {})
     monkeypatch.setattr(matching, "_pick_times", {})
+    return runs
+
+
+def test_a_method_clearly_slower_than_the_best_so_far_is_timed_once(monkeypatch):
+    """On a clock the methods advance (1, 3 and 1.5 units a batch, in the order they are
+    tried): the one that took more than SURE_SLOWER times the best before it runs once,
+    the others twice; the fastest is picked."""
+    cost = dict(zip(matching._GROUP_METHODS, (1.0, 3.0, 1.5)))
+    assert matching.SURE_SLOWER * min(cost.values()) < 3.0
+    runs = _clocked_methods(monkeypatch, lambda name, run: cost[name])
     feats = torch.nn.functional.normalize(torch.randn(4, 8, 6, 7), dim=1)
     temps = [torch.nn.functional.normalize(torch.randn(8, 2, 3), dim=0)]
     patchwise_cosine(feats, temps)
-    runs = {name: sum(1 for c in calls if c == (name, 4)) for name in cost}
     slow = max(cost, key=cost.get)
-    assert runs == {name: 1 if name == slow else 2 for name in cost}
+    assert {name: runs.count(name) for name in cost} == {name: 1 if name == slow else 2 for name in cost}
     assert list(matching._picked.values()) == [min(cost, key=cost.get)]
     assert list(matching._pick_times.values()) == [min(cost.values())]
+
+
+@pytest.mark.parametrize("costs", [(1.0, 1.2, 1.5), (1.0, 2.5, 3.0)])
+def test_a_method_that_fails_its_second_run_is_left_out(monkeypatch, caplog, costs):
+    """The fastest method runs once, then runs out of memory: it is logged and not picked,
+    and the result is the next fastest's, equal to the reference loop's, whether or not
+    that one's first run was clearly slower than the failed method's."""
+    base = dict(zip(matching._GROUP_METHODS, costs))
+    fastest = min(base, key=base.get)
+
+    def cost(name, run):
+        if name == fastest and run > 0:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB")
+        return base[name]
+
+    _clocked_methods(monkeypatch, cost)
+    rng = np.random.default_rng(5)
+    valid = [(6, 7), (5, 7), (6, 4)]
+    feats = _zero_invalid(np.stack([unit_cells(rng, (8, 6, 7)) for _ in valid]), valid)
+    temps = [unit_cells(rng, (8, 2, 3))]
+    with caplog.at_level("WARNING", logger="dtm_ops.matching"):
+        score, row, col = best_matches(torch.from_numpy(feats).float(), [torch.from_numpy(t).float() for t in temps],
+                                       torch.tensor(valid))
+    second = sorted(base, key=base.get)[1]
+    assert list(matching._picked.values()) == [second]
+    assert list(matching._pick_times.values()) == [pytest.approx(base[second])]
+    assert [f"{fastest!r} cannot run" in r.getMessage() for r in caplog.records] == [True]
+    want, at = _best_reference(feats, temps, valid)
+    np.testing.assert_allclose(score.double().numpy(), want, atol=1e-5, rtol=0)
+    assert (row.numpy() == at[..., 0]).all() and (col.numpy() == at[..., 1]).all()
 
 
 class CompilationError(Exception):
