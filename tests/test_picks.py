@@ -115,17 +115,23 @@ def test_the_file_keeps_the_newest_picks(monkeypatch, tmp_path):
     assert [picks.recall(key) for key in keys] == [None, None, ("fold", 2.0), ("fold", 3.0), ("fold", 4.0)]
 
 
-def test_an_unreadable_file_is_reported_once_then_rewritten(monkeypatch, tmp_path, caplog):
+@pytest.mark.parametrize("text, says", [
+    ('{"format": 2, "picks": {"x": ["fold", 0.5]}}', "format 2"),  # no time
+    ('{"format": 1, "picks": {"x": ["fold"]}}', "format 1"),  # no seconds
+    ('{"format": 7, "picks": {}}', "format 1 or 2"),
+    ('["fold", 0.5]', "format 1 or 2"),
+])
+def test_an_unreadable_file_is_reported_once_then_rewritten(monkeypatch, tmp_path, caplog, text, says):
     monkeypatch.setenv(picks.ENV, str(tmp_path))
     monkeypatch.setattr(picks, "_tables", {})
     monkeypatch.setattr(picks, "_warned", set())
-    (tmp_path / picks.FILE).write_text('{"format": 2, "picks": {"x": ["fold", 0.5]}}')  # no time
+    (tmp_path / picks.FILE).write_text(text)
     key = ("best-set", "cpu", torch.float32, (8, 6, 7), (((2, 3), (3, 3)), 3), 3)
     with caplog.at_level(logging.WARNING, logger="dtm_ops.picks"):
         assert picks.recall(key) is None
         assert picks.recall(key) is None
     assert [r.getMessage() for r in caplog.records] == [
-        f"cannot read {tmp_path / picks.FILE} (not a picks file of format 2); picks are timed anew "
+        f"cannot read {tmp_path / picks.FILE} (not a picks file of {says}); picks are timed anew "
         "(the file is rewritten on the next pick)"
     ]
     picks.remember(key, "fft", 0.125)
