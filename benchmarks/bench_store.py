@@ -6,11 +6,13 @@
    their shards read whole, side by side.
 3. Compression: bytes per frame of fp32 / fp16 / int8 shards and of a PCA projection, and
    the error of DTM scores against fp32 features, on real features of demo frames.
+4. Deletes, as ``dtm gc`` makes them: ``--deletes`` small objects removed one DELETE each
+   against ``delete_many`` (one DeleteObjects request per 1000 keys), side by side.
 
 Uses ``DTM_S3_ENDPOINT`` and AWS_* from the environment when set; otherwise starts a server
 with scripts/s3-server.sh (Debian's Ceph packages).
 
-    .venv/bin/python benchmarks/bench_store.py [--frames 512] [--repeat 3]
+    .venv/bin/python benchmarks/bench_store.py [--frames 512] [--repeat 3] [--parts read compression deletes]
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dtm_ops.projection import Projection
 from dtm_ops.store import FeatureStore, S3Config
 from dtm_ops.store.feature_store import SHARDS
 from dtm_ops.store.format import FrameEntry, decode_shard, encode_shard
+from dtm_ops.store.objects import S3ObjectStore
 from timing import best_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,12 +59,39 @@ def drop_bucket(cfg: S3Config, bucket: str) -> None:
     """Delete ``bucket`` and every object in it: a benchmark's data must not pile up on a
     server that outlives it (``DTM_S3_ENDPOINT``; a Ceph one started here keeps objects in
     memory, and a full one stalls writes)."""
-    client = cfg.client()
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-        if keys:
-            client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
-    client.delete_bucket(Bucket=bucket)
+    objects = S3ObjectStore(bucket, "", cfg)
+    failed = objects.delete_many(list(objects.list()))
+    if failed:
+        raise SystemExit(f"could not empty bucket {bucket}: {failed}")
+    objects.client.delete_bucket(Bucket=bucket)
+
+
+def deletes(cfg: S3Config, n: int, repeat: int) -> None:
+    """``n`` objects of 1 KiB deleted one by one, then as ``delete_many`` deletes them, in
+    turns, ``repeat`` times each; the best run of each."""
+    bucket = f"dtm-bench-delete-{os.getpid()}"
+    cfg.client().create_bucket(Bucket=bucket)
+    objects = S3ObjectStore(bucket, "features", cfg)
+    keys = [f"shards/{k:05d}.safetensors" for k in range(n)]
+    best = {"one DELETE per object": float("inf"), "delete_many": float("inf")}
+    try:
+        for _ in range(repeat):
+            for how in best:
+                for key in keys:
+                    objects.put(key, b"x" * 1024)
+                start = time.perf_counter()
+                if how == "delete_many":
+                    assert objects.delete_many(keys) == {}
+                else:
+                    for key in keys:
+                        objects.delete(key)
+                best[how] = min(best[how], time.perf_counter() - start)
+                assert not list(objects.list("shards/"))
+    finally:
+        drop_bucket(cfg, bucket)
+    one, many = best.values()
+    print(f"deletes of {n} objects (best of {repeat}): one DELETE each {one:.2f} s ({n / one:.0f}/s), "
+          f"delete_many {many:.2f} s ({n / many:.0f}/s): {one / many:.1f}x")
 
 
 def real_features(n: int) -> tuple[FeatureExtractor, list[torch.Tensor], list]:
@@ -217,12 +247,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--frames", type=int, default=1024)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--deletes", type=int, default=2000)
+    ap.add_argument("--parts", nargs="+", choices=["read", "compression", "deletes"],
+                    default=["read", "compression", "deletes"])
     a = ap.parse_args()
     cfg, folder = server_config()
     try:
-        extractor, feats, ffs = real_features(a.frames)
-        read_throughput(cfg, extractor, feats, ffs, a.repeat)
-        compression(extractor, feats, ffs)
+        if {"read", "compression"} & set(a.parts):
+            extractor, feats, ffs = real_features(a.frames)
+        if "read" in a.parts:
+            read_throughput(cfg, extractor, feats, ffs, a.repeat)
+        if "compression" in a.parts:
+            compression(extractor, feats, ffs)
+        if "deletes" in a.parts:
+            deletes(cfg, a.deletes, a.repeat)
     finally:
         if folder:
             subprocess.run(["bash", str(REPO / "scripts/s3-server.sh"), "stop", folder], capture_output=True)

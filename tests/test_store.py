@@ -3,6 +3,7 @@ versions, atomic commits, concurrent writers, compression, and every integrity f
 
 from __future__ import annotations
 
+import re
 import threading
 
 import pytest
@@ -541,6 +542,98 @@ def test_gc_names_missing_shards_and_refuses_a_place_with_no_store(store_uri, tm
         FeatureStore.open(tmp_path / "nothing").gc()
     with pytest.raises(ValueError, match="grace_s"):
         store.gc(grace_s=-1)
+
+
+def test_delete_many_takes_keys_in_batches_and_ignores_absent_ones(store_uri, monkeypatch):
+    """On S3, one DeleteObjects request per DELETE_BATCH keys (2 here: 5 keys, 3 requests);
+    a folder deletes one by one. Keys that do not exist are no error; others stay."""
+    from dtm_ops.store import objects
+
+    store = _open(store_uri)
+    keys = [f"staging/batch-{k}.json" for k in range(4)]
+    for key in keys + ["staging/keep.json"]:
+        store.objects.put(key, b"[]")
+    monkeypatch.setattr(objects, "DELETE_BATCH", 2)
+    requests = []
+    if store_uri[1] is not None:
+        client = store.objects.client
+        real = client.delete_objects
+        monkeypatch.setattr(client, "delete_objects", lambda **kw: requests.append(len(kw["Delete"]["Objects"]))
+                            or real(**kw))
+    assert store.objects.delete_many(keys + ["staging/never-written.json"]) == {}
+    assert list(store.objects.list("staging/")) == ["staging/keep.json"]
+    assert requests == ([2, 2, 1] if store_uri[1] is not None else [])
+    assert store.objects.delete_many([]) == {}
+
+
+def test_s3_delete_many_names_each_key_it_could_not_delete(monkeypatch):
+    """The keys of S3's per-key errors, under the store's prefix, and every key of a request
+    that failed whole, with the reason (a stand-in client: the real server is not made to
+    refuse single keys here)."""
+    from botocore.exceptions import ClientError
+
+    from dtm_ops.store.objects import S3Config, S3ObjectStore
+
+    class Client:
+        def __init__(self):
+            self.calls = 0
+
+        def delete_objects(self, Bucket, Delete):
+            self.calls += 1
+            if self.calls == 2:
+                raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "DeleteObjects")
+            keys = [o["Key"] for o in Delete["Objects"]]
+            return {"Errors": [{"Key": keys[0], "Code": "InternalError", "Message": "try again"}]}
+
+    from dtm_ops.store import objects
+
+    store = S3ObjectStore("lake", "features/v1", S3Config())
+    store._client = Client()
+    monkeypatch.setattr(objects, "DELETE_BATCH", 2)
+    assert store.delete_many(["a", "b", "c", "d"]) == {"a": "InternalError: try again",
+                      "c": "s3://lake/features/v1: DELETE 2 keys from c: access denied (AccessDenied); "
+                           "check the S3 credentials",
+                      "d": "s3://lake/features/v1: DELETE 2 keys from c: access denied (AccessDenied); "
+                           "check the S3 credentials"}
+
+
+def test_gc_reports_what_it_could_not_delete_and_deletes_the_rest(tmp_path, monkeypatch, caplog):
+    """An object the store refuses to delete is logged with the reason, left out of the
+    deleted keys and bytes, and named by ``check``; the other garbage goes."""
+    import logging
+    import os
+    import time
+
+    from dtm_ops.store.feature_store import GC_GRACE_S
+    from dtm_ops.store.objects import LocalObjectStore
+
+    root = tmp_path / "store"
+    store = FeatureStore.open(root)
+    store.append(FP, *_frames(2, prefix="a"))
+    stuck, gone = "staging/stuck.json", "staging/gone.json"
+    old = time.time() - GC_GRACE_S - 60
+    for key in (stuck, gone):
+        store.objects.put(key, b"[1]")
+        os.utime(root / key, (old, old))
+    real = LocalObjectStore.delete
+
+    def delete(self, key):
+        if key == stuck:
+            raise PermissionError(13, "Permission denied")
+        real(self, key)
+
+    monkeypatch.setattr(LocalObjectStore, "delete", delete)
+    with caplog.at_level(logging.INFO, logger="dtm_ops.store.feature_store"):
+        report = store.gc()
+    assert (report.deleted, report.deleted_bytes, report.failed) == ((gone,), 3, (stuck,))
+    assert (root / stuck).exists() and not (root / gone).exists()
+    assert report.summary()["not_deleted"] == [stuck]
+    said = [r.getMessage() for r in caplog.records]
+    assert f"{root}: could not delete {stuck} (PermissionError: Permission denied)" in said
+    assert not any("deleted " + stuck in m for m in said)
+    message = f"1 unused object(s) could not be deleted (see the log): {stuck}"
+    with pytest.raises(FeatureStoreError, match=re.escape(message)):
+        report.check()
 
 
 def test_gc_deletes_what_a_killed_local_writer_left_half_written(tmp_path):

@@ -83,6 +83,7 @@ class GcReport:
     deleted: tuple[str, ...]  #: garbage deleted (with ``dry_run``: that would be)
     deleted_bytes: int
     dry_run: bool
+    failed: tuple[str, ...] = ()  #: garbage the store refused to delete (each logged with its reason)
 
     @property
     def verb(self) -> str:
@@ -93,17 +94,21 @@ class GcReport:
         return {
             "version": self.version, "named_shards": self.named, "missing_shards": list(self.missing),
             "kept_young": len(self.young), "deleted": len(self.deleted), "deleted_bytes": self.deleted_bytes,
-            "dry_run": self.dry_run,
+            "not_deleted": list(self.failed), "dry_run": self.dry_run,
         }
 
     def check(self) -> None:
-        """Raise :class:`FeatureStoreError` naming the missing shards, if any (the garbage was
-        collected all the same)."""
+        """Raise :class:`FeatureStoreError` naming the missing shards and the garbage that
+        could not be deleted, if any (the rest was collected all the same)."""
+        problems = []
         if self.missing:
-            raise FeatureStoreError(
-                f"{self.uri}: {len(self.missing)} shard(s) named by manifest version {self.version} are missing: "
-                + ", ".join(self.missing)
-            )
+            problems.append(f"{len(self.missing)} shard(s) named by manifest version {self.version} are missing: "
+                            + ", ".join(self.missing))
+        if self.failed:
+            problems.append(f"{len(self.failed)} unused object(s) could not be deleted (see the log): "
+                            + ", ".join(self.failed))
+        if problems:
+            raise FeatureStoreError(f"{self.uri}: " + "; ".join(problems))
 
 
 class FeatureStore:
@@ -182,7 +187,10 @@ class FeatureStore:
         shard of the one before), so the newest names every shard an older version names:
         time travel to an old version keeps working. Shards are listed before the manifest
         is read, so a commit made meanwhile keeps its shards; a commit still to come is what
-        the grace period protects. ``now`` (seconds since the epoch) is for tests.
+        the grace period protects. Deletes go in batches (:meth:`ObjectStore.delete_many`:
+        1000 keys a request on S3); an object the store refuses to delete is logged with
+        the reason and listed in :attr:`GcReport.failed`, and the rest are deleted.
+        ``now`` (seconds since the epoch) is for tests.
         """
         if grace_s < 0:
             raise ValueError(f"grace_s must be >= 0, got {grace_s}")
@@ -196,15 +204,17 @@ class FeatureStore:
         garbage += self.objects.list_partial()  # writes a killed process left half done (a folder's temp files)
         cutoff = (time.time() if now is None else now) - grace_s
         old = [o for o in garbage if o.modified <= cutoff]
+        failed = {} if dry_run else self.objects.delete_many([o.key for o in old])
+        done = [o for o in old if o.key not in failed]
         report = GcReport(
             uri=self.uri, version=version, named=len(named), missing=tuple(sorted(named - found)),
-            young=tuple(o.key for o in garbage if o.modified > cutoff), deleted=tuple(o.key for o in old),
-            deleted_bytes=sum(o.bytes for o in old), dry_run=dry_run,
+            young=tuple(o.key for o in garbage if o.modified > cutoff), deleted=tuple(o.key for o in done),
+            deleted_bytes=sum(o.bytes for o in done), dry_run=dry_run, failed=tuple(sorted(failed)),
         )
-        for o in old:
-            if not dry_run:
-                self.objects.delete(o.key)
+        for o in done:
             log.info("%s: %s %s (%d bytes, unused)", self.uri, report.verb, o.key, o.bytes)
+        for key, reason in sorted(failed.items()):
+            log.error("%s: could not delete %s (%s)", self.uri, key, reason)
         return report
 
     # ------------------------------------------------------------------ projection

@@ -15,13 +15,17 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from dtm_ops.errors import FeatureStoreError
 from dtm_ops.fileio import FileExists, atomic_write, is_temporary
+
+
+#: Keys one S3 ``DeleteObjects`` request takes at most (the API's limit).
+DELETE_BATCH = 1000
 
 
 class ObjectNotFound(FeatureStoreError):
@@ -90,6 +94,11 @@ class ObjectStore(Protocol):
 
     def delete(self, key: str) -> None:
         """Remove ``key``; nothing happens when it does not exist."""
+
+    def delete_many(self, keys: Sequence[str]) -> dict[str, str]:
+        """Remove ``keys`` (absent ones are no error) in as few requests as the backend
+        allows; returns ``{key: reason}`` for those that could not be removed. The others
+        are gone even where some fail."""
 
 
 def _fill(readinto, out: memoryview, what: str, offset: int) -> None:
@@ -209,6 +218,15 @@ class LocalObjectStore:
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def delete_many(self, keys: Sequence[str]) -> dict[str, str]:
+        failed = {}
+        for key in keys:
+            try:
+                self.delete(key)
+            except OSError as e:
+                failed[key] = f"{type(e).__name__}: {e.strerror or e}"
+        return failed
 
 
 # --------------------------------------------------------------------------- S3
@@ -399,3 +417,21 @@ class S3ObjectStore:
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
         except Exception as exc:  # noqa: BLE001
             raise self._fail(key, exc, "DELETE") from None
+
+    def delete_many(self, keys: Sequence[str]) -> dict[str, str]:
+        """One ``DeleteObjects`` request per :data:`DELETE_BATCH` keys, quiet (the answer
+        lists only the keys that failed). A request that fails whole fails its keys."""
+        failed = {}
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        for start in range(0, len(keys), DELETE_BATCH):
+            batch = keys[start:start + DELETE_BATCH]
+            try:
+                answer = self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": [{"Key": self._key(k)} for k in batch], "Quiet": True})
+            except Exception as exc:  # noqa: BLE001
+                reason = str(self._fail(f"{len(batch)} keys from {batch[0]}", exc, "DELETE"))
+                failed.update(dict.fromkeys(batch, reason))
+                continue
+            for error in answer.get("Errors", []):
+                failed[error["Key"][strip:]] = f"{error.get('Code', '')}: {error.get('Message', '')}".strip(": ")
+        return failed
