@@ -422,16 +422,16 @@ class S3ObjectStore:
         """One ``DeleteObjects`` request per :data:`DELETE_BATCH` keys, quiet (the answer
         lists only the keys that failed). A request that fails whole fails its keys."""
         failed = {}
-        strip = len(self.prefix) + 1 if self.prefix else 0
         for start in range(0, len(keys), DELETE_BATCH):
-            batch = keys[start:start + DELETE_BATCH]
+            batch = {self._key(k): k for k in keys[start:start + DELETE_BATCH]}  # the server's key: ours
             try:
                 answer = self.client.delete_objects(
-                    Bucket=self.bucket, Delete={"Objects": [{"Key": self._key(k)} for k in batch], "Quiet": True})
+                    Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True})
             except Exception as exc:  # noqa: BLE001
-                reason = str(self._fail(f"{len(batch)} keys from {batch[0]}", exc, "DELETE"))
-                failed.update(dict.fromkeys(batch, reason))
+                reason = str(self._fail(f"{len(batch)} keys from {keys[start]}", exc, "DELETE"))
+                failed.update(dict.fromkeys(batch.values(), reason))
                 continue
             for error in answer.get("Errors", []):
-                failed[error["Key"][strip:]] = f"{error.get('Code', '')}: {error.get('Message', '')}".strip(": ")
+                key = batch.get(error["Key"], error["Key"])
+                failed[key] = f"{error.get('Code', '')}: {error.get('Message', '')}".strip(": ")
         return failed
