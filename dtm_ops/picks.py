@@ -176,7 +176,8 @@ def _read(file: Path) -> dict[str, list]:
         and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v[1:])
         for v in picks.values()
     ):
-        raise ValueError(f"not a picks file of format {form if form in (1, FORMAT) else f'1 or {FORMAT}'}")
+        claimed = form if form in (1, FORMAT) else f"1 or {FORMAT}"
+        raise ValueError(f"not a picks file of format {claimed}")
     return {k: v if fields == 3 else [*v, 0.0] for k, v in picks.items()}
 
 

@@ -572,6 +572,7 @@ def test_s3_delete_many_names_each_key_it_could_not_delete(monkeypatch):
     refuse single keys here)."""
     from botocore.exceptions import ClientError
 
+    from dtm_ops.store import objects
     from dtm_ops.store.objects import S3Config, S3ObjectStore
 
     class Client:
@@ -585,16 +586,11 @@ def test_s3_delete_many_names_each_key_it_could_not_delete(monkeypatch):
             keys = [o["Key"] for o in Delete["Objects"]]
             return {"Errors": [{"Key": keys[0], "Code": "InternalError", "Message": "try again"}]}
 
-    from dtm_ops.store import objects
-
     store = S3ObjectStore("lake", "features/v1", S3Config())
     store._client = Client()
     monkeypatch.setattr(objects, "DELETE_BATCH", 2)
-    assert store.delete_many(["a", "b", "c", "d"]) == {"a": "InternalError: try again",
-                      "c": "s3://lake/features/v1: DELETE 2 keys from c: access denied (AccessDenied); "
-                           "check the S3 credentials",
-                      "d": "s3://lake/features/v1: DELETE 2 keys from c: access denied (AccessDenied); "
-                           "check the S3 credentials"}
+    denied = "s3://lake/features/v1: DELETE 2 keys from c: access denied (AccessDenied); check the S3 credentials"
+    assert store.delete_many(["a", "b", "c", "d"]) == {"a": "InternalError: try again", "c": denied, "d": denied}
 
 
 def test_gc_reports_what_it_could_not_delete_and_deletes_the_rest(tmp_path, monkeypatch, caplog):
@@ -663,7 +659,6 @@ def test_gc_deletes_what_a_killed_local_writer_left_half_written(tmp_path):
     assert report.young == (young,) and (root / young).exists() and (root / "shards" / "notes.tmp").exists()
     assert not any((root / key).exists() for key in left)
     assert set(_all_frames(FeatureStore.open(root))) == {"a0", "a1"}
-
 
 
 def test_the_temporary_names_gc_collects_are_those_atomic_write_uses(tmp_path, monkeypatch):

@@ -82,8 +82,8 @@ class GcReport:
     young: tuple[str, ...]  #: garbage younger than the grace period, kept
     deleted: tuple[str, ...]  #: garbage deleted (with ``dry_run``: that would be)
     deleted_bytes: int
+    failed: tuple[str, ...]  #: garbage the store refused to delete (each logged with its reason)
     dry_run: bool
-    failed: tuple[str, ...] = ()  #: garbage the store refused to delete (each logged with its reason)
 
     @property
     def verb(self) -> str:
