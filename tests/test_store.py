@@ -632,6 +632,45 @@ def test_gc_reports_what_it_could_not_delete_and_deletes_the_rest(tmp_path, monk
         report.check()
 
 
+def test_gc_killed_midway_has_logged_each_batch_it_deleted(tmp_path, monkeypatch, caplog):
+    """gc deletes and logs batch by batch (DELETE_BATCH keys: 2 here): killed during its
+    second batch, it has logged the first batch's keys, which are gone, and nothing else."""
+    import logging
+    import os
+    import time
+
+    from dtm_ops.store import objects
+    from dtm_ops.store.feature_store import GC_GRACE_S
+    from dtm_ops.store.objects import LocalObjectStore
+
+    class Killed(BaseException):
+        pass
+
+    root = tmp_path / "store"
+    store = FeatureStore.open(root)
+    store.append(FP, *_frames(2, prefix="a"))
+    keys = [f"staging/batch-{k}.json" for k in range(3)]
+    old = time.time() - GC_GRACE_S - 60
+    for key in keys:
+        store.objects.put(key, b"[1]")
+        os.utime(root / key, (old, old))
+    monkeypatch.setattr(objects, "DELETE_BATCH", 2)
+    real, calls = LocalObjectStore.delete_many, []
+
+    def delete_many(self, batch):
+        calls.append(list(batch))
+        if len(calls) == 2:
+            raise Killed
+        return real(self, batch)
+
+    monkeypatch.setattr(LocalObjectStore, "delete_many", delete_many)
+    with caplog.at_level(logging.INFO, logger="dtm_ops.store.feature_store"), pytest.raises(Killed):
+        store.gc()
+    assert calls == [keys[:2], keys[2:]]
+    assert [r.getMessage() for r in caplog.records] == [f"{root}: deleted {k} (3 bytes, unused)" for k in keys[:2]]
+    assert [k for k in keys if (root / k).exists()] == keys[2:]
+
+
 def test_gc_deletes_what_a_killed_local_writer_left_half_written(tmp_path):
     """A local write goes to a temporary name first (fileio.atomic_write); a writer killed in
     between leaves it behind, unseen by readers: gc deletes it once it is old."""

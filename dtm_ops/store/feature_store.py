@@ -35,7 +35,8 @@ from dtm_ops.store.format import (
     header_size,
     shard_layout,
 )
-from dtm_ops.store.objects import AlreadyExists, ObjectNotFound, ObjectStore, S3Config, open_objects
+from dtm_ops.store import objects as object_stores
+from dtm_ops.store.objects import AlreadyExists, ObjectInfo, ObjectNotFound, ObjectStore, S3Config, open_objects
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,10 @@ def manifest_key(version: int) -> str:
     return f"manifests/v{version:010d}.json.gz"
 
 
+def _gc_verb(dry_run: bool) -> str:
+    return "would delete" if dry_run else "deleted"
+
+
 @dataclass(frozen=True)
 class GcReport:
     """What :meth:`FeatureStore.gc` found (keys relative to the store's root)."""
@@ -88,7 +93,7 @@ class GcReport:
     @property
     def verb(self) -> str:
         """What was done to :attr:`deleted`."""
-        return "would delete" if self.dry_run else "deleted"
+        return _gc_verb(self.dry_run)
 
     def summary(self) -> dict:
         return {
@@ -188,8 +193,9 @@ class FeatureStore:
         time travel to an old version keeps working. Shards are listed before the manifest
         is read, so a commit made meanwhile keeps its shards; a commit still to come is what
         the grace period protects. Deletes go in batches (:meth:`ObjectStore.delete_many`:
-        1000 keys a request on S3); an object the store refuses to delete is logged with
-        the reason and listed in :attr:`GcReport.failed`, and the rest are deleted.
+        1000 keys a request on S3), each logged as soon as it is done, so a gc killed midway
+        leaves the record of what it deleted; an object the store refuses to delete is logged
+        with the reason and listed in :attr:`GcReport.failed`, and the rest are deleted.
         ``now`` (seconds since the epoch) is for tests.
         """
         if grace_s < 0:
@@ -204,18 +210,25 @@ class FeatureStore:
         garbage += self.objects.list_partial()  # writes a killed process left half done (a folder's temp files)
         cutoff = (time.time() if now is None else now) - grace_s
         old = [o for o in garbage if o.modified <= cutoff]
-        failed = {} if dry_run else self.objects.delete_many([o.key for o in old])
-        done = [o for o in old if o.key not in failed]
-        report = GcReport(
+        verb = _gc_verb(dry_run)
+        done: list[ObjectInfo] = []
+        failed: dict[str, str] = {}
+        step = object_stores.DELETE_BATCH
+        for start in range(0, len(old), step):
+            batch = old[start:start + step]
+            refused = {} if dry_run else self.objects.delete_many([o.key for o in batch])
+            for o in batch:
+                if o.key in refused:
+                    log.error("%s: could not delete %s (%s)", self.uri, o.key, refused[o.key])
+                else:
+                    log.info("%s: %s %s (%d bytes, unused)", self.uri, verb, o.key, o.bytes)
+                    done.append(o)
+            failed.update(refused)
+        return GcReport(
             uri=self.uri, version=version, named=len(named), missing=tuple(sorted(named - found)),
             young=tuple(o.key for o in garbage if o.modified > cutoff), deleted=tuple(o.key for o in done),
             deleted_bytes=sum(o.bytes for o in done), dry_run=dry_run, failed=tuple(sorted(failed)),
         )
-        for o in done:
-            log.info("%s: %s %s (%d bytes, unused)", self.uri, report.verb, o.key, o.bytes)
-        for key, reason in sorted(failed.items()):
-            log.error("%s: could not delete %s (%s)", self.uri, key, reason)
-        return report
 
     # ------------------------------------------------------------------ projection
     def projection(self) -> Projection | None:
