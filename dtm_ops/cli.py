@@ -25,7 +25,9 @@ def _scales(text: str) -> tuple[float, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dtm", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="dtm", description="Deep Template Matching on a feature store of frames: index frames, find those "
+        "that hold objects like a query's ROIs, run the demo.")
     sub = p.add_subparsers(dest="command", required=True)
 
     ex = sub.add_parser(
