@@ -20,8 +20,9 @@ frames per pass on the CPU, :func:`dtm_ops.spectral.cpu_chunk_frames`).
 from __future__ import annotations
 
 import ctypes
-import os
 import platform
+
+from dtm_ops.settings import env_number
 
 #: Environment variable: MiB of freed memory a process may keep (both thresholds); 0: off.
 ENV = "DTM_RETAIN_FREED_MB"
@@ -34,14 +35,7 @@ _applied: int | None = None
 
 def setting() -> int:
     """Bytes from ``DTM_RETAIN_FREED_MB`` (default 1024 MiB); 0 means off."""
-    raw = os.environ.get(ENV, str(DEFAULT_MB)).strip()
-    try:
-        mb = int(raw)
-    except ValueError:
-        mb = -1
-    if not 0 <= mb <= MAX_MB:
-        raise ValueError(f"{ENV} must be a whole number of MiB from 0 (off) to {MAX_MB}, got {raw!r}")
-    return mb << 20
+    return env_number(ENV, DEFAULT_MB, minimum=0, maximum=MAX_MB) << 20
 
 
 def retain_freed_memory() -> int:

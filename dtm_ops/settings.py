@@ -23,11 +23,14 @@ Cheap to import (the DAG files read it at parse time). Locations may be folders 
 | DTM_PICK_CACHE | ~/.cache/dtm-ops | folder where a worker keeps the matcher's method picks for its later tasks, off: none (`dtm_ops/picks.py`; read in the worker's own process) |
 | DTM_LS_CONN_ID | label_studio_default | Airflow connection of the Label Studio sink (host, token as password, extra: project, frame_urls, chunk_size, min_interval_s) |
 | DTM_LS_URL, DTM_LS_TOKEN, DTM_LS_PROJECT, DTM_LS_FRAME_URLS | | the same, when there is no such connection |
+
+Numbers are read by :func:`env_number`: a wrong one raises an error naming the variable.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 
@@ -36,6 +39,37 @@ from dataclasses import dataclass
 #: about to name: the grace must exceed the longest commit (one ``append``: encode, put, retry
 #: on conflicts). Here, not in the store, so that the DAG's form can show it at parse time.
 GC_GRACE_HOURS = 24.0
+
+
+def number(raw: object, *, source: str, field: str, whole: bool = True, minimum: float = 0,
+           maximum: float | None = None) -> int | float:
+    """``raw`` (text, as an environment variable or a connection's extra holds it, or a
+    number) as a whole or finite number within ``[minimum, maximum]``; anything else raises
+    :class:`~dtm_ops.errors.InputError` naming the ``source`` and the ``field``."""
+    import math
+
+    value: int | float | None = None
+    if not isinstance(raw, bool):
+        try:
+            value = float(raw)
+            if whole:
+                value = int(raw.strip()) if isinstance(raw, str) else int(value) if value == int(value) else None
+        except (TypeError, ValueError, OverflowError):  # int(inf) overflows
+            value = None
+    if value is None or not math.isfinite(value) or value < minimum or (maximum is not None and value > maximum):
+        from dtm_ops.errors import InputError  # only on a bad value: the DAG files import this module
+
+        bounds = f"from {minimum:g} to {maximum:g}" if maximum is not None else f">= {minimum:g}"
+        raise InputError(f"expected {'a whole' if whole else 'a'} number {bounds}, got {raw!r}",
+                         source=source, field=field)
+    return value
+
+
+def env_number(name: str, default: float, env: Mapping[str, str] | None = None, **bounds) -> int | float:
+    """The environment variable ``name`` (of ``env``, default ``os.environ``) as :func:`number`
+    reads it; ``default`` where it is unset or blank."""
+    raw = (os.environ if env is None else env).get(name, "").strip()
+    return number(raw, source="environment", field=name, **bounds) if raw else default
 
 
 def _abs(uri: str) -> str:
@@ -89,14 +123,14 @@ class Settings:
             runs_uri=_abs(e.get("DTM_RUNS_URI", f"{home}/runs")),
             sink=e.get("DTM_SINK", "manifest"),
             sink_uri=_abs(e.get("DTM_SINK_URI", f"{home}/labeling")),
-            max_scan_tasks=int(e.get("DTM_MAX_SCAN_TASKS", "16")),
-            max_index_tasks=int(e.get("DTM_MAX_INDEX_TASKS", "16")),
+            max_scan_tasks=env_number("DTM_MAX_SCAN_TASKS", 16, minimum=1),
+            max_index_tasks=env_number("DTM_MAX_INDEX_TASKS", 16, minimum=1),
             gpu_pool=e.get("DTM_GPU_POOL", "gpu"),
             gpu_queue=e.get("DTM_GPU_QUEUE", "gpu"),
             aws_conn_id=e.get("DTM_AWS_CONN_ID", "aws_default"),
-            retry_delay_s=float(e.get("DTM_RETRY_DELAY_S", "30")),
+            retry_delay_s=env_number("DTM_RETRY_DELAY_S", 30.0, whole=False),
             ls_conn_id=e.get("DTM_LS_CONN_ID", "label_studio_default"),
-            gc_grace_hours=float(e.get("DTM_GC_GRACE_HOURS", str(GC_GRACE_HOURS))),
+            gc_grace_hours=env_number("DTM_GC_GRACE_HOURS", GC_GRACE_HOURS, whole=False),
         )
 
 
@@ -138,4 +172,4 @@ def label_studio_config(conn_id: str):
         host = f"{conn.schema or 'http'}://{host}"
     if conn.port:
         host = f"{host}:{conn.port}"
-    return LabelStudioConfig.from_connection(host, conn.password, conn.extra_dejson)
+    return LabelStudioConfig.from_connection(host, conn.password, conn.extra_dejson, source=f"connection {conn_id}")

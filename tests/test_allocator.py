@@ -29,7 +29,8 @@ def test_setting_reads_mib_and_names_the_variable_when_wrong(monkeypatch):
     assert allocator.setting() == 0 and allocator.retain_freed_memory() == 0
     for bad in ("1.5", "-1", "lots", "2048"):
         monkeypatch.setenv(allocator.ENV, bad)
-        with pytest.raises(ValueError, match=f"{allocator.ENV} must be .* to 2047, got '{bad}'"):
+        wanted = f"field '{allocator.ENV}': expected a whole number from 0 to 2047, got '{bad}'"
+        with pytest.raises(ValueError, match=wanted):
             allocator.setting()
 
 

@@ -38,11 +38,15 @@ print(json.dumps(out))
 """
 
 
-def _probe(path: Path, tmp_path, **env_vars: str) -> dict:
+def _parse(path: Path, tmp_path, **env_vars: str) -> subprocess.CompletedProcess:
     env = {"AIRFLOW_HOME": str(tmp_path / "airflow"), "PATH": str(Path(sys.executable).parent), "DTM_HOME": str(tmp_path),
            **env_vars}
-    r = subprocess.run([sys.executable, "-c", PROBE, str(path), json.dumps(HEAVY)], capture_output=True, text=True,
-                       env=env, timeout=120)
+    return subprocess.run([sys.executable, "-c", PROBE, str(path), json.dumps(HEAVY)], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def _probe(path: Path, tmp_path, **env_vars: str) -> dict:
+    r = _parse(path, tmp_path, **env_vars)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -74,6 +78,13 @@ def test_gc_dag_form_takes_its_grace_period_from_the_environment(tmp_path):
     assert _probe(DAGS / "dtm_store_gc.py", tmp_path)["dags"][0]["defaults"] == {"grace_hours": 24.0, "dry_run": False}
     dag = _probe(DAGS / "dtm_store_gc.py", tmp_path, DTM_GC_GRACE_HOURS="6")["dags"][0]
     assert dag["defaults"]["grace_hours"] == 6.0 and list(dag["tasks"]) == ["collect_garbage"]
+
+
+def test_a_wrong_number_in_the_environment_is_a_parse_error_that_names_the_variable(tmp_path):
+    """What the DAG processor shows as the file's import error."""
+    r = _parse(DAGS / "dtm_mining.py", tmp_path, DTM_MAX_SCAN_TASKS="16x")
+    assert r.returncode != 0
+    assert "InputError: environment: field 'DTM_MAX_SCAN_TASKS': expected a whole number >= 1, got '16x'" in r.stderr
 
 
 def test_index_dag_maps_batches_on_the_gpu_pool(tmp_path):

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from xml.sax.saxutils import quoteattr
 
 from dtm_ops.errors import DtmError
+from dtm_ops.settings import env_number, number
 from dtm_ops.sinks import PushResult
 
 log = logging.getLogger(__name__)
@@ -54,14 +55,17 @@ class LabelStudioConfig:
             token=e.get("DTM_LS_TOKEN") or None,
             project=e.get("DTM_LS_PROJECT", cls.project),
             frame_urls=e.get("DTM_LS_FRAME_URLS", cls.frame_urls),
-            chunk_size=int(e.get("DTM_LS_CHUNK_SIZE", cls.chunk_size)),
-            min_interval_s=float(e.get("DTM_LS_MIN_INTERVAL_S", cls.min_interval_s)),
+            chunk_size=env_number("DTM_LS_CHUNK_SIZE", cls.chunk_size, e, minimum=1),
+            min_interval_s=env_number("DTM_LS_MIN_INTERVAL_S", cls.min_interval_s, e, whole=False),
         )
 
     @classmethod
-    def from_connection(cls, host: str, password: str | None, extra: dict | None) -> "LabelStudioConfig":
-        """From an Airflow connection: host = server URL, password = API token, extra =
-        ``project``, ``frame_urls``, ``chunk_size``, ``min_interval_s``."""
+    def from_connection(
+        cls, host: str, password: str | None, extra: dict | None, source: str = "connection"
+    ) -> "LabelStudioConfig":
+        """From an Airflow connection (``source`` names it in errors): host = server URL,
+        password = API token, extra = ``project``, ``frame_urls``, ``chunk_size``,
+        ``min_interval_s``."""
         extra = extra or {}
         base = cls.from_env()
         return cls(
@@ -69,8 +73,10 @@ class LabelStudioConfig:
             token=password or extra.get("token") or base.token,
             project=str(extra.get("project", base.project)),
             frame_urls=extra.get("frame_urls", base.frame_urls),
-            chunk_size=int(extra.get("chunk_size", base.chunk_size)),
-            min_interval_s=float(extra.get("min_interval_s", base.min_interval_s)),
+            chunk_size=number(extra.get("chunk_size", base.chunk_size), source=source, field="extra.chunk_size",
+                              minimum=1),
+            min_interval_s=number(extra.get("min_interval_s", base.min_interval_s), source=source,
+                                  field="extra.min_interval_s", whole=False),
         )
 
 

@@ -20,7 +20,7 @@ import torch
 from dtm_ops.errors import FeatureStoreError
 from dtm_ops.fingerprint import Fingerprint
 from dtm_ops.projection import Projection
-from dtm_ops.settings import GC_GRACE_HOURS
+from dtm_ops.settings import GC_GRACE_HOURS, env_number
 from dtm_ops.store.format import (
     DTYPES,
     FrameEntry,
@@ -133,7 +133,7 @@ class FeatureStore:
         self.objects = objects
         self.workers = workers
         if prefetch_bytes is None:
-            prefetch_bytes = int(os.environ.get("DTM_PREFETCH_MB", "512")) << 20
+            prefetch_bytes = env_number("DTM_PREFETCH_MB", 512) << 20
         self.prefetch_bytes = prefetch_bytes
         self._manifests: dict[int, Manifest] = {}
 

@@ -22,6 +22,7 @@ from typing import Protocol
 
 from dtm_ops.errors import FeatureStoreError
 from dtm_ops.fileio import FileExists, atomic_write, is_temporary
+from dtm_ops.settings import env_number
 
 
 #: Keys one S3 ``DeleteObjects`` request takes at most (the API's limit).
@@ -258,7 +259,7 @@ class S3Config:
             access_key=e.get("AWS_ACCESS_KEY_ID") or None,
             secret_key=e.get("AWS_SECRET_ACCESS_KEY") or None,
             session_token=e.get("AWS_SESSION_TOKEN") or None,
-            max_attempts=int(e.get("DTM_S3_MAX_ATTEMPTS", "5")),
+            max_attempts=env_number("DTM_S3_MAX_ATTEMPTS", 5, e, minimum=1),
         )
 
     @classmethod
