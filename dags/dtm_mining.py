@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
 
-from dtm_ops.settings import Settings, asset_uri
+from dtm_ops.settings import BOXES_PATTERN, Settings, asset_uri
 
 S = Settings.from_env()
 REPORTS = Asset(name="dtm_reports", uri=asset_uri(S.reports_uri))
@@ -48,7 +48,7 @@ def _run():
                             section="What to mine"),
         "frame_uri": Param(None, type=["null", "string"], title="Ad-hoc query: frame",
                            description="Image path or s3:// URI of a frame to query (in addition to the reports).", section="What to mine"),
-        "boxes": Param(None, type=["null", "string"], title="Ad-hoc query: boxes",
+        "boxes": Param(None, type=["null", "string"], pattern=BOXES_PATTERN, title="Ad-hoc query: boxes",
                        description="x1,y1,x2,y2 in pixels; several boxes separated by ';' (co-occurring objects).", section="What to mine"),
         "class_name": Param("object", type="string", title="Ad-hoc query: class", section="What to mine"),
         "top_k": Param(20, type="integer", minimum=1, maximum=1000, title="Frames per query", section="Search"),
@@ -67,13 +67,10 @@ def _run():
 def dtm_mining():
     @task
     def fetch_reports() -> dict:
-        from dtm_ops.mining import adhoc_report, fetch_reports as fetch
+        from dtm_ops.mining import adhoc_from_form, fetch_reports as fetch
 
         run, _, params, _ = _run()
-        adhoc = None
-        if params.get("frame_uri") and params.get("boxes"):
-            boxes = [[float(v) for v in b.split(",")] for b in params["boxes"].split(";") if b.strip()]
-            adhoc = adhoc_report(params["frame_uri"], boxes, params.get("class_name") or "object")
+        adhoc = adhoc_from_form(params.get("frame_uri"), params.get("boxes"), params.get("class_name"))
         return fetch(run, params.get("report_uri"), adhoc)
 
     @task(retries=0)

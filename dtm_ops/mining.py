@@ -64,6 +64,34 @@ def adhoc_report(frame_uri: str, boxes: Sequence, cls: str, report_id: str = "ad
             "class": cls, "boxes": [list(map(float, b)) for b in boxes], "detector": "manual", "tags": ["adhoc"]}
 
 
+
+def adhoc_from_form(frame_uri: str | None, boxes: str | None, cls: str | None) -> dict | None:
+    """The trigger form's ad-hoc query as a report (:func:`adhoc_report`), ``None`` where
+    neither its frame nor its boxes are given. One without the other is an error naming the
+    empty field, not a query silently left out; so is a box that is not four numbers. The
+    form checks the boxes before the run starts, against the pattern checked here last
+    (:data:`dtm_ops.settings.BOXES_PATTERN`)."""
+    from dtm_ops.boxes import parse_box
+    from dtm_ops.settings import BOXES_PATTERN
+
+    frame_uri, boxes = (frame_uri or "").strip(), (boxes or "").strip()
+    if not frame_uri and not boxes:
+        return None
+    if not boxes:
+        raise InputError("an ad-hoc query needs boxes on its frame (x1,y1,x2,y2 in pixels; several separated by ';')",
+                         source="trigger form", field="boxes")
+    if not frame_uri:
+        raise InputError(f"an ad-hoc query needs the frame its boxes {boxes!r} are on", source="trigger form",
+                         field="frame_uri")
+    parts = boxes.split(";")
+    if len(parts) > 1 and not parts[-1].strip():
+        parts.pop()  # one ';' may end the list
+    parsed = [parse_box(b, source="trigger form", field=f"boxes[{i}]") for i, b in enumerate(parts)]
+    if not re.search(BOXES_PATTERN, boxes):  # what float() takes beyond plain decimals: 1e2, nan
+        raise InputError(f"expected x1,y1,x2,y2 in plain decimals, got {boxes!r}", source="trigger form", field="boxes")
+    return adhoc_report(frame_uri, parsed, (cls or "").strip() or "object")
+
+
 def fetch_reports(run: RunFolder, source_uri: str | None, adhoc: dict | None = None) -> dict:
     """Collect report lines from a file or a prefix of ``*.jsonl`` (local or S3), plus an
     optional ad-hoc report, into ``reports/raw.jsonl`` (each line with its origin)."""

@@ -41,6 +41,13 @@ from dataclasses import dataclass
 GC_GRACE_HOURS = 24.0
 
 
+#: The mining form's ad-hoc boxes as the form checks them before a run starts (a JSON schema
+#: ``pattern``): ``x1,y1,x2,y2`` in pixels, several separated by ``;``, or nothing. The run
+#: reads them with :func:`dtm_ops.mining.adhoc_from_form`.
+_NUM = r"\s*[-+]?(\d+\.?\d*|\.\d+)\s*"
+BOXES_PATTERN = rf"^\s*$|^\s*({_NUM},{_NUM},{_NUM},{_NUM};)*{_NUM},{_NUM},{_NUM},{_NUM};?\s*$"
+
+
 def number(raw: object, *, source: str, field: str, whole: bool = True, minimum: float = 0,
            maximum: float | None = None) -> int | float:
     """``raw`` (text, as an environment variable or a connection's extra holds it, or a

@@ -87,6 +87,37 @@ def test_a_wrong_number_in_the_environment_is_a_parse_error_that_names_the_varia
     assert "InputError: environment: field 'DTM_MAX_SCAN_TASKS': expected a whole number >= 1, got '16x'" in r.stderr
 
 
+FORM_PROBE = r"""
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("dagfile", sys.argv[1])
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+param = mod.dtm_mining().params.get_param("boxes")
+out = {}
+for value in json.loads(sys.argv[2]):
+    try:
+        param.resolve(value)
+        out[str(value)] = "ok"
+    except Exception as exc:
+        out[str(value)] = type(exc).__name__
+print(json.dumps(out))
+"""
+
+
+def test_the_mining_form_refuses_boxes_the_run_could_not_read_before_the_run_starts(tmp_path):
+    """Airflow checks the form's values against the Param's schema when a run is triggered;
+    the pattern itself is tested against the run's reading in ``test_trigger_form.py``."""
+    env = {"AIRFLOW_HOME": str(tmp_path / "airflow"), "PATH": str(Path(sys.executable).parent), "DTM_HOME": str(tmp_path)}
+    values = [None, "", "268,10,535,212", "1,2,3,4; 5,6,7,8", "1,2,3", "a,b,c,d", "1,2,3,4 5,6,7,8"]
+    r = subprocess.run([sys.executable, "-c", FORM_PROBE, str(DAGS / "dtm_mining.py"), json.dumps(values)],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out == {"None": "ok", "": "ok", "268,10,535,212": "ok", "1,2,3,4; 5,6,7,8": "ok",
+                   "1,2,3": "ParamValidationError", "a,b,c,d": "ParamValidationError",
+                   "1,2,3,4 5,6,7,8": "ParamValidationError"}
+
+
 def test_index_dag_maps_batches_on_the_gpu_pool(tmp_path):
     dag = _probe(DAGS / "dtm_feature_index.py", tmp_path)["dags"][0]
     assert dag["tasks"]["index_batch"]["mapped"] and dag["tasks"]["index_batch"]["pool"] == "gpu"
