@@ -3,7 +3,7 @@ the spectral method, side by side in one run.
 
 Real features and real queries rather than random ones: the demo lake indexed by ``make
 demo`` (EfficientNet-Lite0 ``block_s16``), the sample report's valid records as queries,
-every default scale that fits (``dtm_ops.templates.DEFAULT_SCALES``), calibrated as a
+every default scale that fits (``dtm_ops.scales.DEFAULT_SCALES``), calibrated as a
 search does. Two ways, best of ``--repeat`` each:
 
 - engine: :meth:`dtm_ops.search.Searcher.scan` as it runs (``best_matches`` with

@@ -15,13 +15,12 @@ SCALES_HELP = "comma-separated template scales (object size in frames relative t
 
 
 def _scales(text: str) -> tuple[float, ...]:
+    from dtm_ops.scales import parse_scales
+
     try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers like 0.5,1,2, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"scales must be positive, got {text!r}")
-    return values
+        return parse_scales(text, source="command line", field="--scales")
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(exc.reason) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,7 +171,7 @@ def _run_search(extractor, store, queries, out, *, top_k, scales, margin, exclud
     from dtm_ops.report import write_results
     from dtm_ops.search import Searcher
     from dtm_ops.fileio import atomic_write
-    from dtm_ops.templates import DEFAULT_SCALES
+    from dtm_ops.scales import DEFAULT_SCALES
 
     searcher = Searcher(
         extractor,

@@ -158,9 +158,11 @@ class MiningConfig:
 
     @classmethod
     def from_params(cls, features_uri: str, params: dict) -> "MiningConfig":
+        from dtm_ops.scales import parse_scales
+
         scales = params.get("scales")
-        if isinstance(scales, str) and scales.strip():
-            scales = tuple(float(s) for s in scales.split(","))
+        if isinstance(scales, str):
+            scales = parse_scales(scales, source="trigger form") if scales.strip() else None
         return cls(
             features_uri=features_uri,
             top_k=int(params.get("top_k", 20)),
@@ -174,7 +176,7 @@ class MiningConfig:
 def _searcher(cfg: MiningConfig, store):
     from dtm_ops.indexing import extractor_for_store
     from dtm_ops.search import Searcher
-    from dtm_ops.templates import DEFAULT_SCALES
+    from dtm_ops.scales import DEFAULT_SCALES
 
     extractor = extractor_for_store(store, device=cfg.device)
     # The failure frame itself and its neighbours are not new data: frames of the query's own

@@ -29,7 +29,8 @@ from dtm_ops.transfer import feed
 from dtm_ops.media import open_image
 from dtm_ops.store.format import FrameEntry, ShardEntry
 from dtm_ops.store import FeatureStore
-from dtm_ops.templates import DEFAULT_SCALES, MAX_UPSAMPLE, Template, build_templates
+from dtm_ops.scales import DEFAULT_SCALES
+from dtm_ops.templates import MAX_UPSAMPLE, Template, build_templates
 from dtm_ops.topk import TopK
 
 Mode = Literal["any", "all"]

@@ -25,10 +25,8 @@ from PIL import Image
 
 from dtm_ops.boxes import Box, box_to_cells
 from dtm_ops.features import FeatureExtractor
+from dtm_ops.scales import DEFAULT_SCALES
 
-#: 0.25x to 8x in steps of sqrt(2): wide enough for a pedestrian covering 0.5% of one
-#: frame and a quarter of another.
-DEFAULT_SCALES: tuple[float, ...] = tuple(round(2 ** (k / 2), 4) for k in range(-4, 7))
 #: Largest enlargement of the query image's own pixels that a template may come from.
 MAX_UPSAMPLE = 2.0
 

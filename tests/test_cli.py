@@ -106,6 +106,8 @@ def test_queries_file_with_two_boxes_all_mode(lake, features):
         (["--box", "268,10,900,212"], "field 'boxes[0]': box (268.0, 10.0, 900.0, 212.0) lies outside the 640x272 image"),
         (["--box", "300,10,200,212"], "empty or inverted"),
         (["--box", "1,2,3"], "expected 'x1,y1,x2,y2'"),
+        (["--box", "268,10,535,212", "--scales", "1,nan"], "argument --scales: expected positive numbers like 0.5,1,2, "
+                                                           "got '1,nan'"),
     ],
 )
 def test_bad_boxes_exit_2_with_a_clear_message(lake, features, args, message):

@@ -38,11 +38,15 @@ print(json.dumps(out))
 """
 
 
+def _env(tmp_path, **env_vars: str) -> dict:
+    """A clean environment for a probe: its own Airflow home and dtm-ops home."""
+    return {"AIRFLOW_HOME": str(tmp_path / "airflow"), "PATH": str(Path(sys.executable).parent), "DTM_HOME": str(tmp_path),
+            **env_vars}
+
+
 def _parse(path: Path, tmp_path, **env_vars: str) -> subprocess.CompletedProcess:
-    env = {"AIRFLOW_HOME": str(tmp_path / "airflow"), "PATH": str(Path(sys.executable).parent), "DTM_HOME": str(tmp_path),
-           **env_vars}
     return subprocess.run([sys.executable, "-c", PROBE, str(path), json.dumps(HEAVY)], capture_output=True, text=True,
-                          env=env, timeout=120)
+                          env=_env(tmp_path, **env_vars), timeout=120)
 
 
 def _probe(path: Path, tmp_path, **env_vars: str) -> dict:
@@ -107,7 +111,7 @@ print(json.dumps(out))
 def test_the_mining_form_refuses_boxes_the_run_could_not_read_before_the_run_starts(tmp_path):
     """Airflow checks the form's values against the Param's schema when a run is triggered;
     the pattern itself is tested against the run's reading in ``test_trigger_form.py``."""
-    env = {"AIRFLOW_HOME": str(tmp_path / "airflow"), "PATH": str(Path(sys.executable).parent), "DTM_HOME": str(tmp_path)}
+    env = _env(tmp_path)
     values = [None, "", "268,10,535,212", "1,2,3,4; 5,6,7,8", "1,2,3", "a,b,c,d", "1,2,3,4 5,6,7,8"]
     r = subprocess.run([sys.executable, "-c", FORM_PROBE, str(DAGS / "dtm_mining.py"), json.dumps(values)],
                        capture_output=True, text=True, env=env, timeout=120)
@@ -140,7 +144,7 @@ print(json.dumps(out))
 def test_plugin_loads_without_web_or_heavy_imports_until_the_api_server_asks(tmp_path):
     """Schedulers and workers load plugins too: the results view's app is built only when
     the API server reads ``fastapi_apps``."""
-    env = {"AIRFLOW_HOME": str(tmp_path / "airflow"), "PATH": str(Path(sys.executable).parent), "DTM_HOME": str(tmp_path)}
+    env = _env(tmp_path)
     r = subprocess.run([sys.executable, "-c", PLUGIN_PROBE, str(DAGS.parent / "plugins" / "dtm_results.py"), json.dumps(HEAVY)],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]

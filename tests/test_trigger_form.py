@@ -1,5 +1,6 @@
-"""The mining DAG's trigger form: its ad-hoc query read by the run (``adhoc_from_form``), and
-the pattern the form checks the boxes against before a run starts (the two must agree)."""
+"""The mining DAG's trigger form: its ad-hoc query read by the run (``adhoc_from_form``), the
+pattern the form checks the boxes against before a run starts (the two must agree), and
+template scales given as text (the form's and ``--scales``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import re
 import pytest
 
 from dtm_ops.errors import InputError
-from dtm_ops.mining import adhoc_from_form
+from dtm_ops.mining import MiningConfig, adhoc_from_form
+from dtm_ops.scales import DEFAULT_SCALES, parse_scales
 from dtm_ops.settings import BOXES_PATTERN
 
 GOOD = ["268,10,535,212", " 268.0, 10.5 ,535 , 212 ", "1,2,3,4;5,6,7,8", "1,2,3,4; 5,6,7,8;", ".5,0,10.,20",
@@ -60,3 +62,25 @@ def test_the_forms_pattern_takes_exactly_the_boxes_the_run_reads(text):
 def test_an_empty_field_passes_the_forms_pattern():
     """The form sends an emptied field as "" or null: no ad-hoc query, not a form error."""
     assert re.search(BOXES_PATTERN, "") and re.search(BOXES_PATTERN, "  ")
+
+
+@pytest.mark.parametrize("text, expected", [("1", (1.0,)), ("0.5, 1,2", (0.5, 1.0, 2.0)), (" .25,8 ", (0.25, 8.0))])
+def test_scales_read_as_positive_numbers(text, expected):
+    assert parse_scales(text, source="command line", field="--scales") == expected
+
+
+@pytest.mark.parametrize("text", ["", "0", "1,0", "-1", "1,,2", "1;2", "nan", "1,inf", "x"])
+def test_scales_that_are_not_positive_finite_numbers_name_the_field(text):
+    with pytest.raises(InputError) as err:
+        parse_scales(text, source="trigger form")
+    assert str(err.value) == f"trigger form: field 'scales': expected positive numbers like 0.5,1,2, got {text!r}"
+
+
+def test_the_forms_scales_reach_the_mining_config():
+    params = {"scales": "0.5,1", "top_k": 3, "min_score": None, "mode": "any", "dedupe_window": 5}
+    assert MiningConfig.from_params("f", params).scales == (0.5, 1.0)
+    assert MiningConfig.from_params("f", {**params, "scales": " "}).scales is None  # the default ladder
+    assert MiningConfig.from_params("f", {**params, "scales": None}).scales is None
+    with pytest.raises(InputError, match="^trigger form: field 'scales': .* got '1,-2'$"):
+        MiningConfig.from_params("f", {**params, "scales": "1,-2"})
+    assert DEFAULT_SCALES[0] == 0.25 and DEFAULT_SCALES[-1] == 8.0 and len(DEFAULT_SCALES) == 11

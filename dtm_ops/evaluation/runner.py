@@ -100,7 +100,7 @@ def evaluate(set_dir: str | Path, out: str | Path, cfg: EvalConfig | None = None
     from dtm_ops.features import FeatureExtractor
     from dtm_ops.media import open_image
     from dtm_ops.search import Query, Searcher
-    from dtm_ops.templates import DEFAULT_SCALES
+    from dtm_ops.scales import DEFAULT_SCALES
 
     cfg = cfg or EvalConfig()
     es = EvalSet.load(set_dir)
