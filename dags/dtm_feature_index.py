@@ -4,7 +4,9 @@ Indexes the data lake for Deep Template Matching: lists frames not yet in the fe
 store, extracts their features in mapped batches (one task per batch of frames, never per
 frame, at most `DTM_MAX_INDEX_TASKS` of them), and appends shards. Each batch commits a
 new manifest version; batches run in parallel safely (commits are exclusive and retried).
-Updates the `dtm_features` Asset, which the mining DAG reads.
+Updates the `dtm_features` Asset, which the mining DAG reads. Frames that cannot be read
+(damaged files) are left out and named in the `publish` task's log and summary; the next
+run tries them again.
 
 Settings: see `dtm_ops/settings.py` (`DTM_FRAMES_URI`, `DTM_FEATURES_URI`, ...).
 """
@@ -51,15 +53,11 @@ def dtm_feature_index():
 
     @task(outlets=[FEATURES])
     def publish(summaries: list[dict]) -> dict:
+        from dtm_ops.indexing import summarize_index
         from dtm_ops.settings import use_airflow_connection
-        from dtm_ops.store import FeatureStore
 
         use_airflow_connection(S.aws_conn_id)
-        store = FeatureStore.open(S.features_uri)
-        out = {"added": sum(s["added"] for s in summaries), "version": store.latest_version(), "features": S.features_uri}
-        if out["version"]:
-            out["frames"] = store.manifest().frame_count
-        return out
+        return summarize_index(S.features_uri, list(summaries))
 
     publish(index_batch.expand(batch=plan_batches()))
 

@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     ex = sub.add_parser(
-        "extract", aliases=["index"], help="index frames: extract features of images or videos into a feature store"
+        "extract", aliases=["index"], help="index frames: extract features of images or videos into a feature store",
+        description="Index frames into a feature store. Frames that cannot be read (a damaged image or video) are "
+        "named and left out, the others indexed; the exit status is then 1.",
     )
     ex.add_argument("sources", nargs="+", help="folders or s3:// prefixes of images (recursive), image files or video files")
     ex.add_argument("--features", required=True, help="feature store: a folder or s3://bucket/prefix (created, or appended to)")
@@ -141,6 +143,10 @@ def cmd_extract(a: argparse.Namespace) -> int:
         f"indexed {report.added} new frames ({report.skipped} already present) into {report.shards} shard(s) "
         f"in {time.perf_counter() - t:.1f}s: {a.features}"
     )
+    if report.unreadable:  # each was logged as it was met
+        print(f"dtm: {len(report.unreadable)} unreadable frame(s) left out, named above; a later run tries them again",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -37,6 +37,13 @@ class InputError(DtmError, ValueError):
         super().__init__(": ".join(parts))
 
 
+class UnreadableFrame(InputError):
+    """A frame whose content cannot be had: a damaged image or video, or a file deleted since
+    it was listed. Indexing leaves such a frame out, names it and goes on
+    (:func:`dtm_ops.indexing.index_frames`); a storage error that a retry may cure is not
+    this, and fails the task."""
+
+
 class FingerprintMismatch(DtmError):
     """Templates and frame features come from different feature extractors."""
 

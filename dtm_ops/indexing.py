@@ -2,38 +2,59 @@
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from dtm_ops.errors import FeatureStoreError
+from dtm_ops.errors import FeatureStoreError, InputError, UnreadableFrame
 from dtm_ops.features import FeatureExtractor
 from dtm_ops.media import FrameRef, map_frames
 from dtm_ops.projection import Projection
 from dtm_ops.store.format import FrameEntry
 from dtm_ops.store import FeatureStore
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class IndexReport:
-    added: int
-    skipped: int
-    shards: int
+    added: int  #: frames indexed now
+    skipped: int  #: frames the store held already
+    shards: int  #: shards written
+    #: frames left out because their content cannot be had (a damaged image or video, a file
+    #: deleted since it was listed): ``{"frame_id", "source", "reason"}`` each, in order. They
+    #: are not in the store, so the next run tries them again.
+    unreadable: list[dict] = field(default_factory=list)
+
+
+def _left_out(unreadable: list[dict]) -> Callable[[FrameRef, UnreadableFrame], None]:
+    """What :func:`dtm_ops.media.map_frames` calls with a frame it cannot read: logged and kept."""
+    def note(ref: FrameRef, exc: UnreadableFrame) -> None:
+        log.warning("left out unreadable frame %s: %s", ref.frame_id, exc)
+        unreadable.append({"frame_id": ref.frame_id, "source": ref.source, "reason": exc.reason})
+
+    return note
 
 
 def fit_projection(
     extractor: FeatureExtractor, refs: Sequence[FrameRef], dim: int, *, sample_frames: int = 64, max_positions: int = 50_000
 ) -> Projection:
-    """PCA on per-position features of frames sampled evenly from ``refs``."""
+    """PCA on per-position features of frames sampled evenly from ``refs`` (unreadable ones
+    left out: indexing names them)."""
     step = max(1, len(refs) // sample_frames)
     sample = list(refs[::step])[:sample_frames]
     positions = []
-    for _ref, ff in map_frames(sample, lambda image: extractor.extract([image], project=False)[0], workers=1):
+    project = lambda image: extractor.extract([image], project=False)[0]  # noqa: E731
+    for _ref, ff in map_frames(sample, project, workers=1, on_unreadable=lambda ref, exc: None):
         r, c = ff.valid  # frames decoded as indexing decodes them
         positions.append(ff.features[:, :r, :c].reshape(ff.features.shape[0], -1).T)
+    if not positions:
+        raise InputError(f"none of the {len(sample)} frames sampled to fit the projection is readable",
+                         source=sample[0].source if sample else None, field="frames")
     x = torch.cat(positions)
     if x.shape[0] > max_positions:
         x = x[torch.linspace(0, x.shape[0] - 1, max_positions).long()]
@@ -86,7 +107,11 @@ def index_frames(
 ) -> IndexReport:
     """Extract features of the frames not yet in ``store`` and append them as shards.
 
-    Re-running on the same frames adds nothing. ``pca_dim`` fits a projection on the
+    Re-running on the same frames adds nothing. A frame whose content cannot be had (a
+    damaged file, one deleted since it was listed) is left out, logged and listed in
+    :attr:`IndexReport.unreadable`, and the others are indexed: one bad file in a lake of
+    millions must not stop its batch on every run. A storage error is raised, for the
+    task to retry. ``pca_dim`` fits a projection on the
     first run (a store keeps its projection: later runs reuse it). ``loader_workers``:
     threads that read, decode and preprocess frames ahead of the network
     (:func:`dtm_ops.media.map_frames`); default :func:`default_loader_workers`.
@@ -142,7 +167,9 @@ def index_frames(
         feats.clear()
 
     # reading, decoding and preprocessing, on worker threads ahead of the network on a GPU
-    loaded = map_frames(todo, extractor.prepare_frame, workers=loader_workers, ahead=2 * extractor.batch_size)
+    unreadable: list[dict] = []
+    loaded = map_frames(todo, extractor.prepare_frame, workers=loader_workers, ahead=2 * extractor.batch_size,
+                        on_unreadable=_left_out(unreadable))
     with closing(loaded), tqdm(total=len(todo), unit="frame", disable=not progress, desc="index") as bar:
         for ref, frame in loaded:
             frames.append(frame)
@@ -157,7 +184,8 @@ def index_frames(
         bar.update(n)
         if entries:
             flush_shard()
-    return IndexReport(added=len(todo), skipped=len(refs) - len(todo), shards=shards)
+    return IndexReport(added=len(todo) - len(unreadable), skipped=len(refs) - len(todo), shards=shards,
+                       unreadable=unreadable)
 
 
 def plan_index_batches(frames_uri: str, features_uri: str, batch_frames: int, max_tasks: int) -> list[str]:
@@ -197,4 +225,22 @@ def index_batch(batch_key: str, features_uri: str, *, dtype: str = "float16", de
     refs = [FrameRef(**r) for r in json.loads(store.objects.get(batch_key))]
     extractor = extractor_for_store(store, device=device) if store.exists() else FeatureExtractor(device=device)
     report = index_frames(refs, store, extractor, dtype=dtype)
-    return {"batch": batch_key, "added": report.added, "skipped": report.skipped, "shards": report.shards}
+    return {"batch": batch_key, "added": report.added, "skipped": report.skipped, "shards": report.shards,
+            "unreadable": report.unreadable}
+
+
+def summarize_index(features_uri: str, batches: list[dict]) -> dict:
+    """The index run's summary from its batches' (:func:`index_batch`): frames added, the
+    store's version and size, and the frames left out as unreadable (each logged; the
+    summary lists the first 100)."""
+    from dtm_ops.store import FeatureStore
+
+    store = FeatureStore.open(features_uri)
+    unreadable = [u for b in batches for u in b.get("unreadable", [])]
+    for u in unreadable:
+        log.warning("left out unreadable frame %s (%s): %s", u["frame_id"], u["source"], u["reason"])
+    out = {"added": sum(b["added"] for b in batches), "version": store.latest_version(), "features": features_uri,
+           "unreadable": len(unreadable), "unreadable_frames": unreadable[:100]}
+    if out["version"]:
+        out["frames"] = store.manifest().frame_count
+    return out

@@ -29,7 +29,7 @@ from typing import TypeVar
 
 from PIL import Image, UnidentifiedImageError
 
-from dtm_ops.errors import InputError
+from dtm_ops.errors import InputError, UnreadableFrame
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
@@ -127,7 +127,9 @@ class EncodedImage(LazyImage):
             raise self._error(exc) from None
 
     def _error(self, exc: Exception) -> InputError:
-        return InputError(f"not a readable image ({exc})", source=self.source, record=self.record, field=self.field)
+        detail = "not an image, or of a format Pillow cannot read" if isinstance(exc, UnidentifiedImageError) else exc
+        return UnreadableFrame(f"not a readable image ({detail})", source=self.source, record=self.record,
+                               field=self.field)
 
 
 #: FFmpeg's scaler flags for a reduced video frame: bilinear (its filter widens with the
@@ -167,7 +169,7 @@ class VideoFrameImage(LazyImage):
                 return self.frame.to_image(width=at_least[0], height=at_least[1], interpolation=flags)
             return self.frame.to_image()
         except av.error.FFmpegError as exc:
-            raise InputError(f"video frame cannot be converted ({exc})", source=self.source, record=self.record,
+            raise UnreadableFrame(f"video frame cannot be converted ({exc})", source=self.source, record=self.record,
                              field=self.field) from None
 
 
@@ -182,16 +184,20 @@ def read_image(path: str | os.PathLike, *, record: object = None, field: str = "
     if text.startswith("s3://"):
         from dtm_ops.errors import FeatureStoreError
 
+        from dtm_ops.store.objects import ObjectNotFound
+
         objects, key = _s3(text)
         try:
             data = objects.get(key)
+        except ObjectNotFound:
+            raise UnreadableFrame("file not found", source=text, record=record, field=field) from None
         except FeatureStoreError as exc:
             raise InputError(f"cannot read ({exc})", source=text, record=record, field=field) from None
     else:
         try:
             data = Path(text).read_bytes()
         except FileNotFoundError:
-            raise InputError("file not found", source=text, record=record, field=field) from None
+            raise UnreadableFrame("file not found", source=text, record=record, field=field) from None
         except OSError as exc:
             raise InputError(f"cannot read ({exc})", source=text, record=record, field=field) from None
     return EncodedImage(data, text, record=record, field=field)
@@ -220,7 +226,7 @@ def _video_frame(path: str, index: int, *, record: object = None, field: str = "
             return VideoFrameImage(frame, path, record=record, field=field)
         if i > index:
             break
-    raise InputError(f"video has no frame {index}", source=path, record=record, field=field)
+    raise UnreadableFrame(f"video has no frame {index}", source=path, record=record, field=field)
 
 
 def iter_video(
@@ -238,14 +244,14 @@ def _video_frames(
     import av
 
     if not os.path.exists(path):
-        raise InputError("file not found", source=path, record=record, field=field)
+        raise UnreadableFrame("file not found", source=path, record=record, field=field)
     try:
         container = av.open(path)
     except av.error.FFmpegError as exc:
-        raise InputError(f"not a readable video ({exc})", source=path, record=record, field=field) from None
+        raise UnreadableFrame(f"not a readable video ({exc})", source=path, record=record, field=field) from None
     with container:
         if not container.streams.video:
-            raise InputError("file has no video stream", source=path, record=record, field=field)
+            raise UnreadableFrame("file has no video stream", source=path, record=record, field=field)
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         try:
@@ -253,7 +259,7 @@ def _video_frames(
                 if i % step == 0:
                     yield i, frame
         except av.error.FFmpegError as exc:
-            raise InputError(f"video cannot be decoded ({exc})", source=path, record=record, field=field) from None
+            raise UnreadableFrame(f"video cannot be decoded ({exc})", source=path, record=record, field=field) from None
 
 
 def is_video(path: str | os.PathLike) -> bool:
@@ -329,8 +335,28 @@ def load_frames(refs: list[FrameRef]) -> Iterator[tuple[FrameRef, Image.Image]]:
         yield ref, decoded(read())
 
 
+_SKIPPED = object()
+
+
+def _unless_unreadable(ref: FrameRef, get: Callable[[], T], on_unreadable) -> T | object:
+    """``get()``; where it raises :class:`UnreadableFrame` and there is an ``on_unreadable``,
+    that is told and ``_SKIPPED`` returned."""
+    try:
+        return get()
+    except UnreadableFrame as exc:
+        if on_unreadable is None:
+            raise
+        on_unreadable(ref, exc)
+        return _SKIPPED
+
+
 def map_frames(
-    refs: list[FrameRef], fn: Callable[[LazyImage], T], *, workers: int = 4, ahead: int = 16
+    refs: list[FrameRef],
+    fn: Callable[[LazyImage], T],
+    *,
+    workers: int = 4,
+    ahead: int = 16,
+    on_unreadable: Callable[[FrameRef, UnreadableFrame], None] | None = None,
 ) -> Iterator[tuple[FrameRef, T]]:
     """``(ref, fn(image))`` for each frame, in the order of ``refs``, computed ahead of the
     caller: frames are passed to ``fn`` as :class:`LazyImage` (``fn`` converts them, at
@@ -339,11 +365,16 @@ def map_frames(
     on a reader thread that hands each frame to the workers.
 
     A frame that cannot be read raises its :class:`InputError` where that frame would
-    have been yielded; frames after it are not yielded. Stopping early stops the threads.
+    have been yielded; frames after it are not yielded. With ``on_unreadable``, a frame
+    whose content cannot be had (:class:`UnreadableFrame`: a damaged image or video, a
+    file deleted since it was listed) is passed to it, in its turn, and skipped instead.
+    Stopping early stops the threads.
     """
     if workers <= 1:
         for ref, read in _frame_reads(refs):
-            yield ref, fn(read())
+            result = _unless_unreadable(ref, lambda: fn(read()), on_unreadable)
+            if result is not _SKIPPED:
+                yield ref, result
         return
     pool = ThreadPoolExecutor(workers, thread_name_prefix="dtm-frames")
     slots = threading.Semaphore(max(1, ahead))
@@ -369,9 +400,10 @@ def map_frames(
             ref, fut = item
             if ref is None:
                 raise fut
-            result = fut.result()
+            result = _unless_unreadable(ref, fut.result, on_unreadable)
             slots.release()
-            yield ref, result
+            if result is not _SKIPPED:
+                yield ref, result
     finally:
         done.set()
         slots.release()  # wakes the reader if it waits for a slot
@@ -401,14 +433,23 @@ def _frame_reads(refs: list[FrameRef]) -> Iterator[tuple[FrameRef, Callable[[], 
             wanted[int(mj["index"])] = refs[j]
             j += 1
         last = max(wanted)
-        for idx, frame in _video_frames(video, record=refs[i].frame_id):
-            if idx in wanted:
-                ref = wanted.pop(idx)
-                image = VideoFrameImage(frame, video, record=ref.frame_id)
-                yield ref, lambda image=image: image
-            if idx >= last:
-                break
-        if wanted:
-            missing = sorted(wanted)[:5]
-            raise InputError(f"video ended before frames {missing}", source=video, field="frame")
+        try:
+            for idx, frame in _video_frames(video, record=refs[i].frame_id):
+                if idx in wanted:
+                    ref = wanted.pop(idx)
+                    image = VideoFrameImage(frame, video, record=ref.frame_id)
+                    yield ref, lambda image=image: image
+                if idx >= last:
+                    break
+            reason = None
+        except UnreadableFrame as exc:  # the frames it did not reach fail with it, each in its turn
+            reason = exc.reason
+        for idx, ref in wanted.items():
+            error = UnreadableFrame(reason or f"video ended before frame {idx}", source=video, record=ref.frame_id,
+                                    field="frame")
+            yield ref, functools.partial(_fail, error)
         i = j
+
+
+def _fail(error: Exception):
+    raise error

@@ -139,8 +139,8 @@ def store_uri(request, tmp_path):
 # ----------------------------------------------------------------------------- Airflow
 @pytest.fixture(scope="session")
 def world(tmp_path_factory, s3_server, bikes_frames):
-    """A bucket with 25 frames of bikes.mp4, indexed by the dtm_feature_index DAG, and Airflow
-    (SQLite) pointed at it: the Airflow tests share it."""
+    """A bucket with 25 frames of bikes.mp4 and one damaged upload, indexed by the
+    dtm_feature_index DAG, and Airflow (SQLite) pointed at it: the Airflow tests share it."""
     import os
     import uuid
 
@@ -150,6 +150,7 @@ def world(tmp_path_factory, s3_server, bikes_frames):
     bucket = s3_server.bucket(f"e2e-{uuid.uuid4().hex[:8]}")
     client = s3_server.config().client()
     s3_server.upload_frames(bucket, "lake/bikes", bikes_frames, range(0, 250, 10))
+    client.put_object(Bucket=bucket, Key="lake/bikes/000255.jpg", Body=b"half an upload")  # indexing leaves it out
     env = {
         **os.environ, **s3_server.env,
         "PATH": f"{BIN}:{os.environ['PATH']}",
@@ -169,8 +170,9 @@ def world(tmp_path_factory, s3_server, bikes_frames):
     }
     airflow_cli(env, "db", "migrate")
     airflow_cli(env, "pools", "set", "gpu", "2", "GPU workers")
-    airflow_cli(env, "dags", "test", "dtm_feature_index")
-    return {"env": env, "bucket": bucket, "client": client, "home": home, "server": s3_server}
+    indexed = airflow_cli(env, "dags", "test", "dtm_feature_index")
+    return {"env": env, "bucket": bucket, "client": client, "home": home, "server": s3_server,
+            "index_output": indexed.stdout + indexed.stderr}
 
 
 # ----------------------------------------------------------------------------- Label Studio

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 import uuid
@@ -23,11 +24,15 @@ from tests.airflow_server import list_keys as _keys
 pytestmark = pytest.mark.slow
 
 
-def test_index_dag_filled_the_store(world):
+def test_index_dag_filled_the_store_and_named_the_damaged_frame_it_left_out(world):
     from dtm_ops.store import FeatureStore
 
     store = FeatureStore.open(f"s3://{world['bucket']}/features", s3_config=world["server"].config())
-    assert store.manifest().frame_count == 25
+    assert store.manifest().frame_count == 25 and "bikes/000255" not in store.manifest().frame_ids()
+    out = world["index_output"]
+    assert (f"left out unreadable frame bikes/000255 (s3://{world['bucket']}/lake/bikes/000255.jpg): not a readable "
+            "image (not an image, or of a format Pillow cannot read)") in out, out[-3000:]
+    assert re.search(r"""['"]unreadable['"]: 1[,}]""", out), out[-3000:]  # publish's summary
 
 
 def _runs(world) -> set[str]:

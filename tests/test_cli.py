@@ -57,6 +57,25 @@ def test_full_decode_keeps_adding_to_a_feature_set_from_before_reduced_decoding(
     assert again.returncode == 0 and "indexed 0 new frames (25 already present)" in again.stdout
 
 
+def test_extract_names_a_damaged_frame_indexes_the_rest_and_exits_1(lake, tmp_path):
+    import shutil
+
+    from dtm_ops.store import FeatureStore
+
+    folder = tmp_path / "lake" / "cam"
+    folder.mkdir(parents=True)
+    for name in ("000000.jpg", "000010.jpg"):
+        shutil.copy(lake / "lake" / "bikes" / name, folder / name)
+    (folder / "000005.jpg").write_bytes(b"half an upload")
+    r = run("extract", str(tmp_path / "lake"), "--features", str(tmp_path / "features"), "--no-progress")
+    assert r.returncode == 1, r.stderr
+    assert "indexed 2 new frames (0 already present)" in r.stdout
+    assert (f"left out unreadable frame cam/000005: {folder / '000005.jpg'}: record cam/000005: field 'image': "
+            "not a readable image (not an image, or of a format Pillow cannot read)") in r.stderr
+    assert "1 unreadable frame(s) left out" in r.stderr and "Traceback" not in r.stderr
+    assert FeatureStore.open(str(tmp_path / "features")).manifest().frame_ids() == {"cam/000000", "cam/000010"}
+
+
 def test_help_explains_each_option():
     out = run("search", "--help")
     assert out.returncode == 0

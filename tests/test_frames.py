@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dtm_ops.errors import InputError
+from dtm_ops.errors import InputError, UnreadableFrame
 from dtm_ops.media import EncodedImage, FrameRef, LazyImage, decoded, list_frames, load_frames, map_frames
 
 
@@ -63,10 +63,69 @@ def test_a_video_that_ends_early_raises_in_order(mixed, bikes_path):
     beyond = FrameRef("bikes/009999", f"{bikes_path}#frame=9999", "bikes", 9999)
     refs = mixed[:3] + [beyond]
     seen = []
-    with pytest.raises(InputError, match="video ended before frames"):
+    with pytest.raises(InputError, match="record bikes/009999: field 'frame': video ended before frame 9999"):
         for ref, _ in map_frames(refs, _digest, workers=2, ahead=2):
             seen.append(ref)
     assert seen == mixed[:3]
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory, bikes_path) -> dict[str, FrameRef]:
+    """Frames whose content cannot be had, one of each kind: bytes that are no image, a
+    JPEG cut short, a file deleted since it was listed, frames of a file that is no video,
+    and a frame past a video's end."""
+    import io
+
+    folder = tmp_path_factory.mktemp("damaged")
+    (folder / "junk.jpg").write_bytes(b"not an image at all")
+    buf = io.BytesIO()
+    Image.new("RGB", (320, 240), (200, 30, 30)).save(buf, format="JPEG")
+    (folder / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (folder / "junk.mp4").write_bytes(b"\x00" * 4096)
+    refs = {
+        "junk": FrameRef("d/junk", str(folder / "junk.jpg"), "d", 0),
+        "cut": FrameRef("d/cut", str(folder / "cut.jpg"), "d", 1),
+        "gone": FrameRef("d/gone", str(folder / "gone.jpg"), "d", 2),
+        "novideo3": FrameRef("junk/000003", f"{folder / 'junk.mp4'}#frame=3", "junk", 3),
+        "novideo5": FrameRef("junk/000005", f"{folder / 'junk.mp4'}#frame=5", "junk", 5),
+        "beyond": FrameRef("bikes/009999", f"{bikes_path}#frame=9999", "bikes", 9999),
+    }
+    return refs
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_with_on_unreadable_damaged_frames_are_told_in_order_and_the_rest_yielded(mixed, damaged, workers):
+    """Against the same frames without the damaged ones: the same results in the same order."""
+    d = damaged
+    refs = ([d["junk"]] + mixed[:4] + [d["cut"], d["gone"]] + mixed[4:8] + [d["novideo3"], d["novideo5"]] + mixed[8:19]
+            + [d["beyond"]] + mixed[19:])
+    told = []
+    got = list(map_frames(refs, _digest, workers=workers, ahead=4,
+                          on_unreadable=lambda ref, exc: told.append((ref, exc))))
+    assert got == list(map_frames(mixed, _digest, workers=workers, ahead=4))
+    assert [ref for ref, _ in told] == [d[k] for k in ("junk", "cut", "gone", "novideo3", "novideo5", "beyond")]
+    reasons = [exc.reason for _, exc in told]
+    assert reasons[0] == "not a readable image (not an image, or of a format Pillow cannot read)"
+    assert reasons[1].startswith("not a readable image (") and "truncated" in reasons[1]
+    assert reasons[2] == "file not found"
+    assert reasons[3] == reasons[4] and reasons[3].startswith("not a readable video (")
+    assert reasons[5] == "video ended before frame 9999"
+    assert [exc.record for _, exc in told] == [r.frame_id for r, _ in told]
+    assert all(isinstance(exc, UnreadableFrame) for _, exc in told)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_a_storage_error_is_raised_even_with_on_unreadable(mixed, tmp_path, workers):
+    """A frame that cannot be read for a reason a retry may cure (here a folder where a file
+    should be: an OSError other than "not found") is no damaged frame: it stops the caller."""
+    (tmp_path / "folder.jpg").mkdir()
+    odd = FrameRef("odd/000001", str(tmp_path / "folder.jpg"), "odd", 1)
+    told, seen = [], []
+    with pytest.raises(InputError, match="record odd/000001: field 'image': cannot read") as err:
+        for ref, _ in map_frames(mixed[:3] + [odd] + mixed[3:], _digest, workers=workers, ahead=2,
+                                 on_unreadable=lambda ref, exc: told.append(ref)):
+            seen.append(ref)
+    assert not isinstance(err.value, UnreadableFrame) and told == [] and seen == mixed[:3]
 
 
 def test_work_runs_on_several_threads(mixed):
@@ -130,6 +189,36 @@ def test_indexing_with_loading_ahead_writes_what_loading_before_each_batch_write
     assert [f.frame_id for f in frames[1]] == [r.frame_id for r in mixed]
     assert frames[3] == frames[1]
     assert torch.equal(feats[3], feats[1])
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_indexing_leaves_damaged_frames_out_names_them_and_tries_them_again(mixed, damaged, tmp_path, random_extractor,
+                                                                             workers, caplog):
+    """One damaged file in a lake must not stop its batch on every run: the store holds
+    exactly what indexing the readable frames alone writes, and the damaged ones are
+    logged and listed, and met again by the next run."""
+    import logging
+
+    from dtm_ops.indexing import index_frames
+    from dtm_ops.store import FeatureStore
+
+    bad = [damaged["cut"], damaged["novideo3"]]
+    refs = mixed[:5] + [bad[0]] + mixed[5:12] + [bad[1]] + mixed[12:]
+    store, clean = FeatureStore.open(tmp_path / "with"), FeatureStore.open(tmp_path / "without")
+    with caplog.at_level(logging.WARNING, logger="dtm_ops.indexing"):
+        report = index_frames(refs, store, random_extractor, shard_frames=10, loader_workers=workers)
+    index_frames(mixed, clean, random_extractor, shard_frames=10, loader_workers=workers)
+    assert (report.added, report.skipped) == (len(mixed), 0)
+    assert [(u["frame_id"], u["source"]) for u in report.unreadable] == [(r.frame_id, r.source) for r in bad]
+    assert report.unreadable[1]["reason"].startswith("not a readable video (")
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [f"left out unreadable frame {r.frame_id}"
+                                                                       for r in bad]
+    frames = [[f for s in st.manifest().shards for f in s.frames] for st in (store, clean)]
+    assert frames[0] == frames[1]
+    feats = [torch.cat([f for _, f, _ in st.iter_shards()]) for st in (store, clean)]
+    assert torch.equal(*feats)
+    again = index_frames(refs, FeatureStore.open(tmp_path / "with"), random_extractor, loader_workers=workers)
+    assert (again.added, again.skipped, again.shards) == (0, len(mixed), 0) and again.unreadable == report.unreadable
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
