@@ -329,10 +329,19 @@ def _image_ref(rel: Path, source: str, top: str, position: int) -> FrameRef:
     return FrameRef(frame_id=stem.as_posix(), source=source, sequence=seq, index=int(digits.group(1)) if digits else position)
 
 
-def load_frames(refs: list[FrameRef]) -> Iterator[tuple[FrameRef, Image.Image]]:
-    """Decode frames in order, in full, reading each video once rather than once per frame."""
+def load_frames(
+    refs: list[FrameRef], on_unreadable: Callable[[FrameRef, UnreadableFrame], None] | None = None
+) -> Iterator[tuple[FrameRef, Image.Image]]:
+    """Decode frames in order, in full, reading each video once rather than once per frame
+    (``on_unreadable``: as :func:`map_frames` takes it)."""
+    return _one_by_one(refs, decoded, on_unreadable)
+
+
+def _one_by_one(refs: list[FrameRef], fn: Callable[[LazyImage], T], on_unreadable) -> Iterator[tuple[FrameRef, T]]:
     for ref, read in _frame_reads(refs):
-        yield ref, decoded(read())
+        result = _unless_unreadable(ref, lambda: fn(read()), on_unreadable)
+        if result is not _SKIPPED:
+            yield ref, result
 
 
 _SKIPPED = object()
@@ -371,10 +380,7 @@ def map_frames(
     Stopping early stops the threads.
     """
     if workers <= 1:
-        for ref, read in _frame_reads(refs):
-            result = _unless_unreadable(ref, lambda: fn(read()), on_unreadable)
-            if result is not _SKIPPED:
-                yield ref, result
+        yield from _one_by_one(refs, fn, on_unreadable)
         return
     pool = ThreadPoolExecutor(workers, thread_name_prefix="dtm-frames")
     slots = threading.Semaphore(max(1, ahead))

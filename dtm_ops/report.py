@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +13,8 @@ from dtm_ops.heatmap import overlay
 from dtm_ops.media import FrameRef, load_frames, open_image
 from dtm_ops.search import Hit, Query
 from dtm_ops.fileio import atomic_write
+
+log = logging.getLogger(__name__)
 
 THUMB_WIDTH = 360  # hit thumbnails (JPEG), made once per run for the results view
 QUERY_THUMB_WIDTH = 720
@@ -49,7 +52,13 @@ def write_results(
     )
     paths: dict[tuple[str, int], str] = {}
     sizes: dict[tuple[str, int], list[int]] = {}  # (width, height) of each hit's frame
-    for ref, image in load_frames(refs):
+    unreadable: dict[str, str] = {}  # frames deleted or damaged since they were indexed: hits with no image
+
+    def note(ref: FrameRef, exc: Exception) -> None:
+        log.warning("no heat map for the hits on frame %s: %s", ref.frame_id, exc)
+        unreadable[ref.frame_id] = str(exc)
+
+    for ref, image in load_frames(refs, on_unreadable=note):
         for h in by_frame[ref.frame_id]:
             img = overlay(
                 image,
@@ -70,6 +79,8 @@ def write_results(
             rec["heatmap"] = paths.get((h.query_id, h.rank))
             rec["thumb"] = thumb_of(rec["heatmap"]) if rec["heatmap"] else None
             rec["frame_size"] = sizes.get((h.query_id, h.rank))
+            if h.frame_id in unreadable:
+                rec["image_error"] = unreadable[h.frame_id]
             records.append(rec)
     atomic_write(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
     query_imgs = {}
@@ -80,7 +91,7 @@ def write_results(
         _save_thumb(img, out / thumb_of(rel), QUERY_THUMB_WIDTH)
         query_imgs[q.query_id] = rel
     sheet = out / "index.html"
-    atomic_write(sheet, _html(title, queries, results, paths, query_imgs).encode())
+    atomic_write(sheet, _html(title, queries, results, paths, query_imgs, unreadable).encode())
     return sheet
 
 
@@ -111,7 +122,7 @@ def _save_thumb(img, path: Path, width: int) -> None:
     atomic_write(path, buf.getvalue())
 
 
-def _html(title, queries, results, paths, query_imgs) -> str:
+def _html(title, queries, results, paths, query_imgs, unreadable) -> str:
     e = html.escape
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
@@ -133,9 +144,11 @@ def _html(title, queries, results, paths, query_imgs) -> str:
             f"<figcaption>{e(q.source)}</figcaption></div><div class='grid'>"
         )
         for h in hits:
-            src = paths.get((h.query_id, h.rank), "")
+            src = paths.get((h.query_id, h.rank))
+            img = f"<img src='{e(src)}' alt='rank {h.rank}'>" if src else \
+                f"<p><i>frame unreadable: {e(unreadable.get(h.frame_id, 'not rendered'))}</i></p>"
             parts.append(
-                f"<figure><img src='{e(src)}' alt='rank {h.rank}'><figcaption>#{h.rank} "
+                f"<figure>{img}<figcaption>#{h.rank} "
                 f"<b>{e(h.frame_id)}</b> score {h.score:.2f} (cos {h.cosine:.3f}), scale {h.scale:g}, "
                 f"box [{', '.join(f'{v:.0f}' for v in h.box)}]</figcaption></figure>"
             )

@@ -136,3 +136,32 @@ def test_push_is_idempotent_and_dry_run_pushes_nothing(lake, tmp_path):
     row = next(r for r in run.get_lines("results.jsonl") if r["frame_id"] == task["data"]["frame_id"])
     x1 = pred["value"]["x"] * pred["original_width"] / 100
     assert x1 == pytest.approx(row["box"][0], abs=1e-6)
+
+
+def test_the_run_report_renders_the_other_hits_when_a_hit_frame_is_gone(lake, tmp_path, caplog):
+    """A frame deleted from the lake (or damaged) since it was indexed: its hit keeps its row
+    with no heat map, the sheet says why, and the other hits are drawn."""
+    import logging
+    from pathlib import Path
+
+    run, cfg, _ = _run(tmp_path, lake, [_report(lake, "q")])
+    _mine(run, cfg, 2)
+    rows = run.get_lines("results.jsonl")
+    gone = str(tmp_path / "deleted.jpg")
+    rows[1] = dict(rows[1], source=gone)
+    run.put_lines("results.jsonl", rows)
+    with caplog.at_level(logging.WARNING, logger="dtm_ops.report"):
+        mining.publish_report(run, cfg, {})
+    report = Path(run.local_path()) / "report"
+    written = [json.loads(line) for line in (report / "results.jsonl").read_text().splitlines()]
+    assert [r["frame_id"] for r in written] == [r["frame_id"] for r in rows]
+    assert [r["heatmap"] is None for r in written] == [False, True, False, False, False]
+    assert [r.get("image_error") for r in written] == [None, f"{gone}: record {rows[1]['frame_id']}: field 'image': "
+                                                             "file not found", None, None, None]
+    assert all((report / r["heatmap"]).is_file() and (report / r["thumb"]).is_file() for r in written if r["heatmap"])
+    sheet = (report / "index.html").read_text()
+    assert f"frame unreadable: {gone}: record {rows[1]['frame_id']}: field &#x27;image&#x27;: file not found" in sheet
+    assert sheet.count("<img src='heatmaps/") == 4
+    assert [r.getMessage() for r in caplog.records if r.name == "dtm_ops.report"] == [
+        f"no heat map for the hits on frame {rows[1]['frame_id']}: {gone}: record {rows[1]['frame_id']}: "
+        "field 'image': file not found"]

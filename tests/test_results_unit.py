@@ -73,6 +73,20 @@ def test_query_page_places_the_box_in_percent_of_the_frame(run):
     assert "href='http://ls.example/projects/3/data?task=7'" in html
 
 
+def test_a_hit_whose_frame_could_not_be_read_says_so_instead_of_an_image(run):
+    """``publish_report`` writes ``image_error`` for a hit frame deleted or damaged since it
+    was indexed; a row with no image and no such field is one the report has not drawn yet."""
+    rows = run.get_lines("report/results.jsonl")
+    rows[0] = dict(rows[0], heatmap=None, thumb=None, image_error="/lake/f001.jpg: record f001: field 'image': <gone>")
+    rows[1] = dict(rows[1], heatmap=None, thumb=None)
+    run.put_lines("report/results.jsonl", rows)
+    html = pages.query_page("/b", "r1", RunResults(run).query("q1", 1, 3))
+    figures = re.findall(r"<figure class='hit'.*?</figure>", html, re.S)
+    assert "<i>frame unreadable: /lake/f001.jpg: record f001: field &#x27;image&#x27;: &lt;gone&gt;</i>" in figures[0]
+    assert "<i>image not rendered yet</i>" in figures[1] and "unreadable" not in figures[1]
+    assert "<img class='thumb' src='/b/images/thumbs/heatmaps/q1/0003.jpg'" in figures[2]
+
+
 @pytest.mark.parametrize("path", ["../secret.txt", "thumbs/../../secret.txt", "/etc/passwd", "heatmaps/q1/0001.txt",
                                   "results.jsonl", "thumbs/heatmaps/q1/0001.png", "heatmaps/../q1/0001.png",
                                   "heatmaps/q1/..%2f0001.png", "heatmaps/.hidden/0001.png"])

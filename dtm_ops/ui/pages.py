@@ -138,6 +138,8 @@ def _hit(base: str, h: dict) -> str:
     size = h.get("frame_size")
     if h.get("thumb"):
         img = f"<a href='{e(base)}/images/{e(h['heatmap'])}'><img class='thumb' src='{e(base)}/images/{e(h['thumb'])}' alt='rank {h['rank']}'></a>"
+    elif h.get("image_error"):  # deleted or damaged since it was indexed
+        img = f"<i>frame unreadable: {e(h['image_error'])}</i>"
     else:
         img = "<i>image not rendered yet</i>"
     box = ""
