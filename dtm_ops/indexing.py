@@ -48,8 +48,10 @@ def fit_projection(
     step = max(1, len(refs) // sample_frames)
     sample = list(refs[::step])[:sample_frames]
     positions = []
-    project = lambda image: extractor.extract([image], project=False)[0]  # noqa: E731
-    for _ref, ff in map_frames(sample, project, workers=1, on_unreadable=lambda ref, exc: None):
+    def features(image):
+        return extractor.extract([image], project=False)[0]
+
+    for _ref, ff in map_frames(sample, features, workers=1, on_unreadable=lambda ref, exc: None):
         r, c = ff.valid  # frames decoded as indexing decodes them
         positions.append(ff.features[:, :r, :c].reshape(ff.features.shape[0], -1).T)
     if not positions:

@@ -170,7 +170,7 @@ class VideoFrameImage(LazyImage):
             return self.frame.to_image()
         except av.error.FFmpegError as exc:
             raise UnreadableFrame(f"video frame cannot be converted ({exc})", source=self.source, record=self.record,
-                             field=self.field) from None
+                                  field=self.field) from None
 
 
 def read_image(path: str | os.PathLike, *, record: object = None, field: str = "image") -> LazyImage:
@@ -183,7 +183,6 @@ def read_image(path: str | os.PathLike, *, record: object = None, field: str = "
         return _video_frame(m["path"], int(m["index"]), record=record, field=field)
     if text.startswith("s3://"):
         from dtm_ops.errors import FeatureStoreError
-
         from dtm_ops.store.objects import ObjectNotFound
 
         objects, key = _s3(text)

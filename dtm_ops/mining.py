@@ -64,7 +64,6 @@ def adhoc_report(frame_uri: str, boxes: Sequence, cls: str, report_id: str = "ad
             "class": cls, "boxes": [list(map(float, b)) for b in boxes], "detector": "manual", "tags": ["adhoc"]}
 
 
-
 def adhoc_from_form(frame_uri: str | None, boxes: str | None, cls: str | None) -> dict | None:
     """The trigger form's ad-hoc query as a report (:func:`adhoc_report`), ``None`` where
     neither its frame nor its boxes are given. One without the other is an error naming the
