@@ -671,6 +671,18 @@ def test_gc_killed_midway_has_logged_each_batch_it_deleted(tmp_path, monkeypatch
     assert [k for k in keys if (root / k).exists()] == keys[2:]
 
 
+def test_a_folder_store_that_does_not_exist_yet_lists_nothing_not_its_parents_files(tmp_path):
+    from dtm_ops.store.objects import LocalObjectStore
+
+    (tmp_path / "beside.json").write_text("{}")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.json").write_text("{}")
+    store = LocalObjectStore(tmp_path / "later")
+    assert list(store.list("")) == [] and list(store.list_partial("")) == [] and list(store.list("sub/")) == []
+    store.put("a.json", b"1")
+    assert list(store.list("")) == ["a.json"] and list(store.list("a")) == ["a.json"]
+
+
 def test_gc_deletes_what_a_killed_local_writer_left_half_written(tmp_path):
     """A local write goes to a temporary name first (fileio.atomic_write); a writer killed in
     between leaves it behind, unseen by readers: gc deletes it once it is old."""

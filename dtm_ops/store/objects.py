@@ -204,7 +204,7 @@ class LocalObjectStore:
 
     def _files(self, prefix: str, *, partial: bool) -> Iterator[ObjectInfo]:
         base = self.root / check_key(prefix)
-        folder = base if base.is_dir() else base.parent
+        folder = base if base.is_dir() or not prefix else base.parent  # no root: nothing, not its parent's files
         if not folder.is_dir():
             return
         for p in sorted(folder.rglob("*")):
