@@ -10,8 +10,10 @@ in one pass) -> merge top-k (near-duplicates of a sequence suppressed) -> valida
 (Great Expectations; a failure blocks the push) -> push to the labeling queue (idempotent)
 -> publish the run report (HTML contact sheet with heat maps, JSON summary).
 
-Runs daily and whenever the `dtm_reports` Asset is updated; trigger it by hand with the
-form for a report file or an ad-hoc query. Settings: `dtm_ops/settings.py`.
+Runs daily and whenever the `dtm_reports` Asset is updated, on the report files no finished
+run has mined (a run with nothing new ends at `fetch_reports`, its other tasks skipped);
+trigger it by hand with the form for a report file or an ad-hoc query. Settings:
+`dtm_ops/settings.py`.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ def _run():
         "boxes": Param(None, type=["null", "string"], pattern=BOXES_PATTERN, title="Ad-hoc query: boxes",
                        description="x1,y1,x2,y2 in pixels; several boxes separated by ';' (co-occurring objects).", section="What to mine"),
         "class_name": Param("object", type="string", title="Ad-hoc query: class", section="What to mine"),
+        "only_new_reports": Param(False, type="boolean", title="Only report files not mined before",
+                                  description="Skip report files (same bytes) that a finished run has mined. Scheduled "
+                                  "and Asset-triggered runs always skip them.", section="What to mine"),
         "top_k": Param(20, type="integer", minimum=1, maximum=1000, title="Frames per query", section="Search"),
         "min_score": Param(None, type=["null", "number"], title="Minimum score", description="Calibrated score (z) a hit must reach.", section="Search"),
         "scales": Param(None, type=["null", "string"], title="Template scales", description="Comma-separated, e.g. 0.5,1,2 (default 0.25..8).", section="Search"),
@@ -67,11 +72,17 @@ def _run():
 def dtm_mining():
     @task
     def fetch_reports() -> dict:
-        from dtm_ops.mining import adhoc_from_form, fetch_reports as fetch
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from dtm_ops.mining import adhoc_from_form, fetch_reports as fetch, only_new_reports
 
         run, _, params, _ = _run()
         adhoc = adhoc_from_form(params.get("frame_uri"), params.get("boxes"), params.get("class_name"))
-        return fetch(run, params.get("report_uri"), adhoc)
+        only_new = only_new_reports(get_current_context()["dag_run"].run_type, params.get("only_new_reports"))
+        out = fetch(run, params.get("report_uri"), adhoc, mined_uri=S.mined_reports_uri, only_new=only_new)
+        if out["nothing_new"]:  # the run ends here, successful, its other tasks skipped
+            raise AirflowSkipException(f"all {out['already_mined']} report file(s) were mined before: nothing new to mine")
+        return out
 
     @task(retries=0)
     def validate_reports(_: dict) -> dict:
@@ -121,7 +132,8 @@ def dtm_mining():
 
         run, cfg, params, run_id = _run()
         ls = label_studio_config(S.ls_conn_id) if params["sink"] == "label_studio" else None
-        return send(run, cfg, params["sink"], S.sink_uri, run_id=run_id, dry_run=params["dry_run"], label_studio=ls)
+        return send(run, cfg, params["sink"], S.sink_uri, run_id=run_id, dry_run=params["dry_run"], label_studio=ls,
+                    mined_uri=S.mined_reports_uri)
 
     @task
     def publish_report(fetched: dict, checked: dict, pushed: dict) -> dict:

@@ -91,14 +91,42 @@ def adhoc_from_form(frame_uri: str | None, boxes: str | None, cls: str | None) -
     return adhoc_report(frame_uri, parsed, (cls or "").strip() or "object")
 
 
-def fetch_reports(run: RunFolder, source_uri: str | None, adhoc: dict | None = None) -> dict:
+#: Run types that mine only the report files no finished run has mined: the daily schedule,
+#: the ``dtm_reports`` Asset's updates, and backfills of them (Airflow's ``DagRunType``). A
+#: run triggered by hand mines what its form names, unless the form asks otherwise.
+ONLY_NEW_RUN_TYPES = frozenset({"scheduled", "asset_triggered", "backfill"})
+
+
+def only_new_reports(run_type: object, asked: bool) -> bool:
+    """Whether a run of ``run_type`` (Airflow's ``DagRunType``, or its value) mines only new
+    report files: its type says so, or its form asked. The enum's value is compared: the
+    enum itself neither prints nor hashes as its value."""
+    return bool(asked) or getattr(run_type, "value", run_type) in ONLY_NEW_RUN_TYPES
+
+
+def fetch_reports(
+    run: RunFolder, source_uri: str | None, adhoc: dict | None = None, *, mined_uri: str | None = None,
+    only_new: bool = False,
+) -> dict:
     """Collect report lines from a file or a prefix of ``*.jsonl`` (local or S3), plus an
-    optional ad-hoc report, into ``reports/raw.jsonl`` (each line with its origin)."""
+    optional ad-hoc report, into ``reports/raw.jsonl`` (each line with its origin), and the
+    files read, with the SHA-256 of their bytes, into ``reports/files.json``.
+
+    With ``only_new``, a file whose bytes a finished run has mined (:func:`mark_mined`
+    records them under ``mined_uri``) is skipped: a daily run over a prefix where the
+    detector adds a file a day mines that day's file, not the whole history again. A file
+    that changed is mined again whole (the push skips what the sink holds already). The
+    result says ``nothing_new`` where every file was skipped and there is no ad-hoc query.
+    """
+    import hashlib
+
     from dtm_ops.reports import parse_lines
     from dtm_ops.store.objects import open_objects
 
     lines: list[dict] = []
     quarantined = []
+    read: list[dict] = []
+    already: list[str] = []
     if source_uri:
         parent, _, name = source_uri.rstrip("/").rpartition("/")
         if source_uri.endswith(".jsonl"):
@@ -108,17 +136,51 @@ def fetch_reports(run: RunFolder, source_uri: str | None, adhoc: dict | None = N
             files = [(store, k) for k in sorted(store.list("")) if k.endswith(".jsonl")]
         if not files:
             raise InputError("no report files (*.jsonl) found", source=source_uri, field="report_uri")
+        mined = set(open_objects(mined_uri).list("")) if only_new and mined_uri else set()
         for store, key in files:
-            reports, bad = parse_lines(store.get(key).decode(), f"{store.uri}/{key}")
+            blob = store.get(key)
+            uri, digest = f"{store.uri}/{key}", hashlib.sha256(blob).hexdigest()
+            if _mined_key(digest) in mined:
+                already.append(uri)
+                continue
+            read.append({"uri": uri, "sha256": digest})
+            reports, bad = parse_lines(blob.decode(), uri)
             lines += [r.to_json() for r in reports]
             quarantined += [q.to_json() for q in bad]
+        if already:
+            log.info("%d report file(s) mined before, skipped: %s", len(already), ", ".join(already[:20]))
     if adhoc:
         lines.append({**adhoc, "origin": "trigger form"})
     if not lines and not quarantined:
+        if already:
+            return {"reports": 0, "unparsable": 0, "files": 0, "already_mined": len(already), "nothing_new": True}
         raise InputError("no reports to mine: give a report URI or an ad-hoc query", field="report_uri")
     run.put_lines("reports/raw.jsonl", lines)
     run.put_lines("reports/unparsable.jsonl", quarantined)
-    return {"reports": len(lines), "unparsable": len(quarantined)}
+    run.put_json("reports/files.json", read)
+    return {"reports": len(lines), "unparsable": len(quarantined), "files": len(read), "already_mined": len(already),
+            "nothing_new": False}
+
+
+def _mined_key(digest: str) -> str:
+    return f"{digest}.json"
+
+
+def mark_mined(run: RunFolder, mined_uri: str) -> int:
+    """Record the report files this run read (``reports/files.json``) as mined, one object
+    per file's SHA-256 under ``mined_uri`` (a put each, so runs side by side lose nothing).
+    Called once the run's results are pushed; a run that fails before leaves its files to
+    the next. Returns how many files were recorded."""
+    from datetime import datetime, timezone
+
+    from dtm_ops.store.objects import open_objects
+
+    files = run.get_json("reports/files.json") if run.objects.size("reports/files.json") is not None else []
+    store = open_objects(mined_uri)
+    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    for f in files:
+        store.put(_mined_key(f["sha256"]), json.dumps({**f, "run": run.uri, "mined_at": when}).encode())
+    return len(files)
 
 
 def validate_reports(run: RunFolder) -> dict:
@@ -327,14 +389,16 @@ def publish_report(run: RunFolder, cfg: MiningConfig, summary: dict) -> dict:
 
 # ------------------------------------------------------------------------ push
 def push(
-    run: RunFolder, cfg: MiningConfig, sink_name: str, sink_uri: str | None, *, run_id: str, dry_run: bool, label_studio=None
+    run: RunFolder, cfg: MiningConfig, sink_name: str, sink_uri: str | None, *, run_id: str, dry_run: bool,
+    label_studio=None, mined_uri: str | None = None,
 ) -> dict:
     """Push the validated results to the labeling sink, idempotently.
 
     Each item's key comes from its report and frame; the sink is asked which keys it holds
     already, and ``push/ledger.json`` records every key pushed (updated after every chunk
     that lands) or found, so a retried or re-run push sends each item once, and a push
-    cut off midway leaves a ledger of what did land.
+    cut off midway leaves a ledger of what did land. Once all landed (not in a dry run),
+    the run's report files are recorded as mined under ``mined_uri`` (:func:`mark_mined`).
     """
     from dtm_ops.sinks import item_key, open_sink, to_label_studio_task
     from dtm_ops.store import FeatureStore
@@ -364,4 +428,7 @@ def push(
         result = sink.push(tasks, on_chunk=landed)
         ledger.update(pushed=result.pushed, already=result.skipped, links=result.links, complete=True)
     run.put_json("push/ledger.json", ledger)
-    return {k: (len(v) if isinstance(v, (list, dict)) else v) for k, v in ledger.items()}
+    out = {k: (len(v) if isinstance(v, (list, dict)) else v) for k, v in ledger.items()}
+    if mined_uri and not dry_run:
+        out["report_files_marked"] = mark_mined(run, mined_uri)
+    return out

@@ -10,7 +10,7 @@ Cheap to import (the DAG files read it at parse time). Locations may be folders 
 | DTM_FRAMES_URI | $DTM_HOME/lake | the data lake's frames (images) |
 | DTM_FEATURES_URI | $DTM_HOME/features | the feature store |
 | DTM_REPORTS_URI | $DTM_HOME/reports | detector FP/FN reports (*.jsonl) |
-| DTM_RUNS_URI | $DTM_HOME/runs | per-run results, partials, reports |
+| DTM_RUNS_URI | $DTM_HOME/runs | per-run results, partials, reports; `mined_reports/`: the report files finished runs mined |
 | DTM_SINK | manifest | labeling sink: manifest, none |
 | DTM_SINK_URI | $DTM_HOME/labeling | where the manifest sink writes |
 | DTM_MAX_SCAN_TASKS | 16 | upper bound of mapped scan tasks, whatever the lake's size |
@@ -105,6 +105,13 @@ class Settings:
     retry_delay_s: float
     ls_conn_id: str
     gc_grace_hours: float = GC_GRACE_HOURS
+
+    @property
+    def mined_reports_uri(self) -> str:
+        """Where finished mining runs record the report files they mined (one object per
+        file's SHA-256; :func:`dtm_ops.mining.mark_mined`). Beside the run folders, not in
+        ``dtm_mining/``, so that a lifecycle rule expiring old runs keeps it."""
+        return f"{self.runs_uri.rstrip('/')}/mined_reports"
 
     def dag_defaults(self, role: str, doc: str | None) -> dict:
         """What every dtm DAG shares: start date, no catch-up, tags, docs and the retry policy."""

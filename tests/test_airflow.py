@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -78,10 +79,26 @@ def test_dags_test_mines_reports_in_s3_quarantines_and_survives_a_failed_scan_tr
     ledger = json.loads(_get(world, f"{base}/push/ledger.json"))
     assert len(ledger["pushed"]) == 5
 
+    # The run recorded its report file as mined, by the file's bytes, beside the run folders.
+    digest = hashlib.sha256(_get(world, "reports/day1.jsonl")).hexdigest()
+    marker = json.loads(_get(world, f"runs/mined_reports/{digest}.json"))
+    assert marker["uri"] == f"s3://{world['bucket']}/reports/day1.jsonl" and marker["run"].endswith(base)
+
     # The same report again: a new run pushes nothing twice.
     _airflow(world["env"], "dags", "test", "dtm_mining", "-c",
              json.dumps({"report_uri": f"s3://{world['bucket']}/reports/", "top_k": 5}))
     assert len(_keys(world, "labeling/tasks/")) == 5
+
+    # Asked for new report files only (what scheduled runs do): nothing is new, and the run
+    # ends successful at fetch_reports, its other tasks skipped, no results written.
+    before = _runs(world)
+    out = _airflow(world["env"], "dags", "test", "dtm_mining", "-c",
+                   json.dumps({"report_uri": f"s3://{world['bucket']}/reports/", "only_new_reports": True}))
+    text = out.stdout + out.stderr
+    assert "were mined before: nothing new to mine" in text, text[-3000:]
+    assert "state=success" in text.split("DagRun Finished")[-1].split("\n")[0], text[-2000:]
+    new = [k for r in _runs(world) - before for k in _keys(world, f"runs/dtm_mining/{r}/")]
+    assert not any(k.endswith("/results.jsonl") for k in new), new
 
 
 def test_real_scheduler_runs_a_form_triggered_mining_run(world):

@@ -61,7 +61,7 @@ def test_mixed_report_quarantines_bad_records_with_reasons_and_mines_the_rest(la
         _report(lake, "fp-score", error_type="false_positive", score=1.7),
     ]
     run, cfg, fetched = _run(tmp_path, lake, lines)
-    assert fetched == {"reports": 5, "unparsable": 1}
+    assert fetched == {"reports": 5, "unparsable": 1, "files": 1, "already_mined": 0, "nothing_new": False}
     assert mining.validate_reports(run) == {"valid": 1, "quarantined": 5}
     reasons = {q["record"]["report_id"] if isinstance(q["record"], dict) else "json": q["reasons"]
                for q in run.get_lines("reports/quarantine.jsonl")}
@@ -165,3 +165,56 @@ def test_the_run_report_renders_the_other_hits_when_a_hit_frame_is_gone(lake, tm
     assert [r.getMessage() for r in caplog.records if r.name == "dtm_ops.report"] == [
         f"no heat map for the hits on frame {rows[1]['frame_id']}: {gone}: record {rows[1]['frame_id']}: "
         "field 'image': file not found"]
+
+
+def test_only_new_report_files_are_fetched_once_a_run_has_mined_them(lake, tmp_path):
+    """A prefix where the detector drops a file a day: a run with ``only_new`` reads the files
+    no finished run has mined (by their bytes), a changed file again, and says when there is
+    nothing new; without ``only_new`` every file is read."""
+    reports, mined = tmp_path / "reports", str(tmp_path / "mined")
+    reports.mkdir()
+    (reports / "day1.jsonl").write_text(_report(lake, "a") + "\n")
+    (reports / "day2.jsonl").write_text(_report(lake, "b") + "\n")
+
+    def fetch(name, only_new=True):
+        run = mining.RunFolder(str(tmp_path / "runs" / name))
+        out = mining.fetch_reports(run, str(reports), mined_uri=mined, only_new=only_new)
+        ids = [r["report_id"] for r in run.get_lines("reports/raw.jsonl")] if not out["nothing_new"] else []
+        return run, out, ids
+
+    run1, out, ids = fetch("r1")
+    assert ids == ["a", "b"] and (out["files"], out["already_mined"]) == (2, 0)
+    assert [f["uri"].rsplit("/", 1)[1] for f in run1.get_json("reports/files.json")] == ["day1.jsonl", "day2.jsonl"]
+    assert fetch("r2")[2] == ["a", "b"]  # r1 has not finished: nothing is recorded yet
+    assert mining.mark_mined(run1, mined) == 2
+    _, out, ids = fetch("r3")
+    assert out == {"reports": 0, "unparsable": 0, "files": 0, "already_mined": 2, "nothing_new": True} and ids == []
+    (reports / "day3.jsonl").write_text(_report(lake, "c") + "\n")
+    (reports / "day1.jsonl").write_text(_report(lake, "a") + "\n" + _report(lake, "a2") + "\n")  # appended to
+    _, out, ids = fetch("r4")
+    assert ids == ["a", "a2", "c"] and (out["files"], out["already_mined"]) == (2, 1)
+    assert fetch("r5", only_new=False)[2] == ["a", "a2", "b", "c"]
+    adhoc = mining.adhoc_from_form(str(lake / "lake/bikes/000216.jpg"), ",".join(map(str, BIKE)), "bicycle")
+    run6 = mining.RunFolder(str(tmp_path / "runs" / "r6"))
+    mining.mark_mined(fetch("r4")[0], mined)
+    out = mining.fetch_reports(run6, str(reports), adhoc, mined_uri=mined, only_new=True)
+    assert out["nothing_new"] is False and [r["report_id"] for r in run6.get_lines("reports/raw.jsonl")] == ["adhoc"]
+
+
+def test_a_pushed_run_records_its_report_files_as_mined_and_a_dry_run_does_not(lake, tmp_path):
+    mined = str(tmp_path / "mined")
+    for name, dry_run in (("dry", True), ("real", False)):
+        run, cfg, _ = _run(tmp_path / name, lake, [_report(lake, "q")])
+        _mine(run, cfg, 2)
+        mining.validate_results(run, cfg)
+        out = mining.push(run, cfg, "manifest", str(tmp_path / "sink"), run_id=name, dry_run=dry_run, mined_uri=mined)
+        marked = sorted(p.name for p in (tmp_path / "mined").glob("*.json")) if (tmp_path / "mined").exists() else []
+        if dry_run:
+            assert "report_files_marked" not in out and marked == []
+        else:
+            (f,) = run.get_json("reports/files.json")
+            assert out["report_files_marked"] == 1 and marked == [f"{f['sha256']}.json"]
+            record = json.loads((tmp_path / "mined" / marked[0]).read_text())
+            assert record["uri"] == f["uri"] and record["run"] == run.uri
+            import hashlib
+            assert f["sha256"] == hashlib.sha256((tmp_path / name / "r.jsonl").read_bytes()).hexdigest()

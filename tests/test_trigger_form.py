@@ -1,6 +1,7 @@
 """The mining DAG's trigger form: its ad-hoc query read by the run (``adhoc_from_form``), the
 pattern the form checks the boxes against before a run starts (the two must agree), and
-template scales given as text (the form's and ``--scales``)."""
+template scales given as text (the form's and ``--scales``), and which runs mine only new
+report files (their type, or the form's tick)."""
 
 from __future__ import annotations
 
@@ -84,3 +85,19 @@ def test_the_forms_scales_reach_the_mining_config():
     with pytest.raises(InputError, match="^trigger form: field 'scales': .* got '1,-2'$"):
         MiningConfig.from_params("f", {**params, "scales": "1,-2"})
     assert DEFAULT_SCALES[0] == 0.25 and DEFAULT_SCALES[-1] == 8.0 and len(DEFAULT_SCALES) == 11
+
+
+def test_scheduled_asset_and_backfill_runs_mine_only_new_report_files_and_manual_ones_when_asked():
+    """Against Airflow's own run-type enums (the task SDK's and the core's): they print as
+    ``DagRunType.SCHEDULED`` and do not hash as their values."""
+    from airflow.sdk.api.datamodels._generated import DagRunType as SdkRunType
+    from airflow.utils.types import DagRunType as CoreRunType
+
+    from dtm_ops.mining import only_new_reports
+
+    for kind in (SdkRunType, CoreRunType, str):
+        automatic = {t: only_new_reports(kind(t), False) for t in
+                     ("scheduled", "asset_triggered", "backfill", "manual", "operator_triggered")}
+        assert automatic == {"scheduled": True, "asset_triggered": True, "backfill": True, "manual": False,
+                             "operator_triggered": False}, kind
+        assert only_new_reports(kind("manual"), True) is True
