@@ -167,7 +167,8 @@ def use_airflow_connection(conn_id: str, *, server: bool = False) -> None:
     except Exception:  # noqa: BLE001 - no such connection: the environment applies
         set_default_s3_config(None)
         return
-    set_default_s3_config(S3Config.from_aws_connection(conn.login, conn.password, conn.extra_dejson))
+    set_default_s3_config(S3Config.from_aws_connection(conn.login, conn.password, conn.extra_dejson,
+                                                       source=f"connection {conn_id}"))
 
 
 def label_studio_config(conn_id: str):

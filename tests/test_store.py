@@ -398,6 +398,31 @@ def test_s3_config_from_an_airflow_aws_connection():
     assert nested.endpoint_url == "http://x" and nested.access_key is None
 
 
+def test_s3_attempts_are_attempts_in_all_and_the_connection_sets_them_as_botocore_reads_it(monkeypatch):
+    """``max_attempts`` counts every try, as the error message after the last one says;
+    botocore's own ``max_attempts`` counts retries after the first. A connection's
+    ``config_kwargs.retries`` (what the Amazon provider hands botocore) is read that way;
+    without it the environment's DTM_S3_MAX_ATTEMPTS, else 5; a wrong one names its field."""
+    from dtm_ops.errors import InputError
+    from dtm_ops.store.objects import S3Config
+
+    def total(cfg):  # what the boto3 client was configured with
+        return cfg.client().meta.config.retries["total_max_attempts"]
+
+    monkeypatch.delenv("DTM_S3_MAX_ATTEMPTS", raising=False)
+    assert S3Config.from_aws_connection(None, None, {}).max_attempts == 5 == total(S3Config())
+    monkeypatch.setenv("DTM_S3_MAX_ATTEMPTS", "7")
+    assert S3Config.from_aws_connection(None, None, {}).max_attempts == 7
+    retries = S3Config.from_aws_connection(None, None, {"config_kwargs": {"retries": {"max_attempts": 10}}})
+    assert retries.max_attempts == 11 == total(retries)
+    attempts = S3Config.from_aws_connection(None, None, {"config_kwargs": {"retries": {"total_max_attempts": 3}}})
+    assert attempts.max_attempts == 3 == total(attempts)
+    with pytest.raises(InputError, match="^connection aws_default: field 'extra.config_kwargs.retries.max_attempts': "
+                                         "expected a whole number >= 0, got -1$"):
+        S3Config.from_aws_connection(None, None, {"config_kwargs": {"retries": {"max_attempts": -1}}},
+                                     source="connection aws_default")
+
+
 def test_read_into_fills_the_buffer_from_the_offset_and_names_a_short_object(store_uri, monkeypatch):
     objects = _open(store_uri).objects
     data = bytes(range(256)) * 40

@@ -263,18 +263,34 @@ class S3Config:
         )
 
     @classmethod
-    def from_aws_connection(cls, login: str | None, password: str | None, extra: dict | None) -> "S3Config":
+    def from_aws_connection(
+        cls, login: str | None, password: str | None, extra: dict | None, source: str = "connection"
+    ) -> "S3Config":
         """From the fields of an Airflow ``aws`` connection (as the Amazon provider reads them):
         login = access key id, password = secret key, extra = ``endpoint_url`` (or
-        ``service_config.s3.endpoint_url``), ``region_name``, ``aws_session_token``."""
+        ``service_config.s3.endpoint_url``), ``region_name``, ``aws_session_token``, and
+        ``config_kwargs.retries`` as botocore reads it: ``total_max_attempts``, or
+        ``max_attempts`` retries after the first try (else ``DTM_S3_MAX_ATTEMPTS``, else 5
+        attempts in all). ``source`` names the connection in errors."""
+        from dtm_ops.settings import number
+
         extra = extra or {}
         endpoint = extra.get("endpoint_url") or extra.get("service_config", {}).get("s3", {}).get("endpoint_url")
+        retries = (extra.get("config_kwargs") or {}).get("retries") or {}
+        field = "extra.config_kwargs.retries."
+        if "total_max_attempts" in retries:
+            attempts = number(retries["total_max_attempts"], source=source, field=field + "total_max_attempts", minimum=1)
+        elif "max_attempts" in retries:
+            attempts = number(retries["max_attempts"], source=source, field=field + "max_attempts") + 1
+        else:
+            attempts = None
         return cls(
             endpoint_url=endpoint,
             region=extra.get("region_name"),
             access_key=login or extra.get("aws_access_key_id"),
             secret_key=password or extra.get("aws_secret_access_key"),
             session_token=extra.get("aws_session_token"),
+            max_attempts=cls.from_env().max_attempts if attempts is None else attempts,
         )
 
     def client(self):
@@ -290,7 +306,7 @@ class S3Config:
             aws_secret_access_key=self.secret_key,
             aws_session_token=self.session_token,
             config=Config(
-                retries={"max_attempts": self.max_attempts, "mode": "standard"},
+                retries={"total_max_attempts": self.max_attempts, "mode": "standard"},  # max_attempts: retries
                 connect_timeout=self.connect_timeout,
                 read_timeout=self.read_timeout,
                 s3={"addressing_style": "path" if self.path_style else "auto"},
