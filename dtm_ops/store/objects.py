@@ -279,9 +279,10 @@ class S3Config:
         retries = (extra.get("config_kwargs") or {}).get("retries") or {}
         field = "extra.config_kwargs.retries."
         if "total_max_attempts" in retries:
-            attempts = number(retries["total_max_attempts"], source=source, field=field + "total_max_attempts", minimum=1)
+            attempts = number(retries["total_max_attempts"], source=source, field=f"{field}total_max_attempts",
+                              minimum=1)
         elif "max_attempts" in retries:
-            attempts = number(retries["max_attempts"], source=source, field=field + "max_attempts") + 1
+            attempts = number(retries["max_attempts"], source=source, field=f"{field}max_attempts") + 1
         else:
             attempts = None
         return cls(
