@@ -571,7 +571,8 @@ def test_gc_names_missing_shards_and_refuses_a_place_with_no_store(store_uri, tm
 
 def test_delete_many_takes_keys_in_batches_and_ignores_absent_ones(store_uri, monkeypatch):
     """On S3, one DeleteObjects request per DELETE_BATCH keys (2 here: 5 keys, 3 requests);
-    a folder deletes one by one. Keys that do not exist are no error; others stay."""
+    a folder deletes one by one. Each request is told to ``on_done`` once it is answered.
+    Keys that do not exist are no error; others stay."""
     from dtm_ops.store import objects
 
     store = _open(store_uri)
@@ -585,9 +586,13 @@ def test_delete_many_takes_keys_in_batches_and_ignores_absent_ones(store_uri, mo
         real = client.delete_objects
         monkeypatch.setattr(client, "delete_objects", lambda **kw: requests.append(len(kw["Delete"]["Objects"]))
                             or real(**kw))
-    assert store.objects.delete_many(keys + ["staging/never-written.json"]) == {}
+    told = []
+    asked = keys + ["staging/never-written.json"]
+    assert store.objects.delete_many(asked, on_done=lambda done, refused: told.append((done, refused))) == {}
     assert list(store.objects.list("staging/")) == ["staging/keep.json"]
-    assert requests == ([2, 2, 1] if store_uri[1] is not None else [])
+    on_s3 = store_uri[1] is not None
+    assert requests == ([2, 2, 1] if on_s3 else [])
+    assert told == ([(asked[0:2], {}), (asked[2:4], {}), (asked[4:], {})] if on_s3 else [([k], {}) for k in asked])
     assert store.objects.delete_many([]) == {}
 
 
@@ -615,7 +620,10 @@ def test_s3_delete_many_names_each_key_it_could_not_delete(monkeypatch):
     store._client = Client()
     monkeypatch.setattr(objects, "DELETE_BATCH", 2)
     denied = "s3://lake/features/v1: DELETE 2 keys from c: access denied (AccessDenied); check the S3 credentials"
-    assert store.delete_many(["a", "b", "c", "d"]) == {"a": "InternalError: try again", "c": denied, "d": denied}
+    told = []
+    failed = store.delete_many(["a", "b", "c", "d"], on_done=lambda keys, refused: told.append((keys, refused)))
+    assert failed == {"a": "InternalError: try again", "c": denied, "d": denied}
+    assert told == [(["a", "b"], {"a": "InternalError: try again"}), (["c", "d"], {"c": denied, "d": denied})]
 
 
 def test_gc_reports_what_it_could_not_delete_and_deletes_the_rest(tmp_path, monkeypatch, caplog):
@@ -657,14 +665,14 @@ def test_gc_reports_what_it_could_not_delete_and_deletes_the_rest(tmp_path, monk
         report.check()
 
 
-def test_gc_killed_midway_has_logged_each_batch_it_deleted(tmp_path, monkeypatch, caplog):
-    """gc deletes and logs batch by batch (DELETE_BATCH keys: 2 here): killed during its
-    second batch, it has logged the first batch's keys, which are gone, and nothing else."""
+def test_gc_killed_midway_has_logged_each_delete_that_finished(tmp_path, monkeypatch, caplog):
+    """gc logs each request of ``delete_many`` as it is answered (a folder deletes one file
+    a request): killed during its third delete, it has logged the first two keys, which are
+    gone, and nothing else."""
     import logging
     import os
     import time
 
-    from dtm_ops.store import objects
     from dtm_ops.store.feature_store import GC_GRACE_S
     from dtm_ops.store.objects import LocalObjectStore
 
@@ -679,19 +687,18 @@ def test_gc_killed_midway_has_logged_each_batch_it_deleted(tmp_path, monkeypatch
     for key in keys:
         store.objects.put(key, b"[1]")
         os.utime(root / key, (old, old))
-    monkeypatch.setattr(objects, "DELETE_BATCH", 2)
-    real, calls = LocalObjectStore.delete_many, []
+    real, calls = LocalObjectStore.delete, []
 
-    def delete_many(self, batch):
-        calls.append(list(batch))
-        if len(calls) == 2:
+    def delete(self, key):
+        calls.append(key)
+        if len(calls) == 3:
             raise Killed
-        return real(self, batch)
+        real(self, key)
 
-    monkeypatch.setattr(LocalObjectStore, "delete_many", delete_many)
+    monkeypatch.setattr(LocalObjectStore, "delete", delete)
     with caplog.at_level(logging.INFO, logger="dtm_ops.store.feature_store"), pytest.raises(Killed):
         store.gc()
-    assert calls == [keys[:2], keys[2:]]
+    assert calls == keys
     assert [r.getMessage() for r in caplog.records] == [f"{root}: deleted {k} (3 bytes, unused)" for k in keys[:2]]
     assert [k for k in keys if (root / k).exists()] == keys[2:]
 

@@ -35,8 +35,7 @@ from dtm_ops.store.format import (
     header_size,
     shard_layout,
 )
-from dtm_ops.store import objects as object_stores
-from dtm_ops.store.objects import AlreadyExists, ObjectInfo, ObjectNotFound, ObjectStore, S3Config, open_objects
+from dtm_ops.store.objects import AlreadyExists, ObjectNotFound, ObjectStore, S3Config, open_objects
 
 log = logging.getLogger(__name__)
 
@@ -210,20 +209,21 @@ class FeatureStore:
         garbage += self.objects.list_partial()  # writes a killed process left half done (a folder's temp files)
         cutoff = (time.time() if now is None else now) - grace_s
         old = [o for o in garbage if o.modified <= cutoff]
-        verb = _gc_verb(dry_run)
-        done: list[ObjectInfo] = []
-        failed: dict[str, str] = {}
-        step = object_stores.DELETE_BATCH
-        for start in range(0, len(old), step):
-            batch = old[start:start + step]
-            refused = {} if dry_run else self.objects.delete_many([o.key for o in batch])
-            for o in batch:
-                if o.key in refused:
-                    log.error("%s: could not delete %s (%s)", self.uri, o.key, refused[o.key])
+        sizes = {o.key: o.bytes for o in old}
+
+        def told(keys: list[str], refused: dict[str, str]) -> None:  # after each request: logged as it goes
+            for key in keys:
+                if key in refused:
+                    log.error("%s: could not delete %s (%s)", self.uri, key, refused[key])
                 else:
-                    log.info("%s: %s %s (%d bytes, unused)", self.uri, verb, o.key, o.bytes)
-                    done.append(o)
-            failed.update(refused)
+                    log.info("%s: %s %s (%d bytes, unused)", self.uri, _gc_verb(dry_run), key, sizes[key])
+
+        if dry_run:
+            failed: dict[str, str] = {}
+            told(list(sizes), failed)
+        else:
+            failed = self.objects.delete_many(list(sizes), on_done=told)
+        done = [o for o in old if o.key not in failed]
         return GcReport(
             uri=self.uri, version=version, named=len(named), missing=tuple(sorted(named - found)),
             young=tuple(o.key for o in garbage if o.modified > cutoff), deleted=tuple(o.key for o in done),

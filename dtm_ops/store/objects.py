@@ -15,18 +15,22 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from dtm_ops.errors import FeatureStoreError
 from dtm_ops.fileio import FileExists, atomic_write, is_temporary
-from dtm_ops.settings import env_number
+from dtm_ops.settings import env_number, number
 
 
 #: Keys one S3 ``DeleteObjects`` request takes at most (the API's limit).
 DELETE_BATCH = 1000
+
+#: What :meth:`ObjectStore.delete_many` tells after each request: its keys, and those of them
+#: it could not delete with the reasons.
+DeleteCallback = Callable[[list[str], dict[str, str]], None]
 
 
 class ObjectNotFound(FeatureStoreError):
@@ -96,10 +100,12 @@ class ObjectStore(Protocol):
     def delete(self, key: str) -> None:
         """Remove ``key``; nothing happens when it does not exist."""
 
-    def delete_many(self, keys: Sequence[str]) -> dict[str, str]:
+    def delete_many(self, keys: Sequence[str], on_done: DeleteCallback | None = None) -> dict[str, str]:
         """Remove ``keys`` (absent ones are no error) in as few requests as the backend
         allows; returns ``{key: reason}`` for those that could not be removed. The others
-        are gone even where some fail."""
+        are gone even where some fail. ``on_done(keys, refused)`` is called after each
+        request with its keys and its refusals, so a caller killed midway has heard of
+        every request that finished."""
 
 
 def _fill(readinto, out: memoryview, what: str, offset: int) -> None:
@@ -220,13 +226,17 @@ class LocalObjectStore:
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
-    def delete_many(self, keys: Sequence[str]) -> dict[str, str]:
+    def delete_many(self, keys: Sequence[str], on_done: DeleteCallback | None = None) -> dict[str, str]:
         failed = {}
-        for key in keys:
+        for key in keys:  # one file at a time: each is a request of its own
+            refused = {}
             try:
                 self.delete(key)
             except OSError as e:
-                failed[key] = f"{type(e).__name__}: {e.strerror or e}"
+                refused[key] = f"{type(e).__name__}: {e.strerror or e}"
+            failed.update(refused)
+            if on_done is not None:
+                on_done([key], refused)
         return failed
 
 
@@ -272,8 +282,6 @@ class S3Config:
         ``config_kwargs.retries`` as botocore reads it: ``total_max_attempts``, or
         ``max_attempts`` retries after the first try (else ``DTM_S3_MAX_ATTEMPTS``, else 5
         attempts in all). ``source`` names the connection in errors."""
-        from dtm_ops.settings import number
-
         extra = extra or {}
         endpoint = extra.get("endpoint_url") or extra.get("service_config", {}).get("s3", {}).get("endpoint_url")
         retries = (extra.get("config_kwargs") or {}).get("retries") or {}
@@ -436,7 +444,7 @@ class S3ObjectStore:
         except Exception as exc:  # noqa: BLE001
             raise self._fail(key, exc, "DELETE") from None
 
-    def delete_many(self, keys: Sequence[str]) -> dict[str, str]:
+    def delete_many(self, keys: Sequence[str], on_done: DeleteCallback | None = None) -> dict[str, str]:
         """One ``DeleteObjects`` request per :data:`DELETE_BATCH` keys, quiet (the answer
         lists only the keys that failed). A request that fails whole fails its keys."""
         failed = {}
@@ -445,11 +453,12 @@ class S3ObjectStore:
             try:
                 answer = self.client.delete_objects(
                     Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True})
+                refused = {batch.get(e["Key"], e["Key"]): f"{e.get('Code', '')}: {e.get('Message', '')}".strip(": ")
+                           for e in answer.get("Errors", [])}
             except Exception as exc:  # noqa: BLE001
                 reason = str(self._fail(f"{len(batch)} keys from {keys[start]}", exc, "DELETE"))
-                failed.update(dict.fromkeys(batch.values(), reason))
-                continue
-            for error in answer.get("Errors", []):
-                key = batch.get(error["Key"], error["Key"])
-                failed[key] = f"{error.get('Code', '')}: {error.get('Message', '')}".strip(": ")
+                refused = dict.fromkeys(batch.values(), reason)
+            failed.update(refused)
+            if on_done is not None:
+                on_done(list(batch.values()), refused)
         return failed
