@@ -175,6 +175,7 @@ def mark_mined(run: RunFolder, mined_uri: str) -> int:
 
     from dtm_ops.store.objects import open_objects
 
+    # a run whose reports were fetched by a version before this record has no such file
     files = run.get_json("reports/files.json") if run.objects.size("reports/files.json") is not None else []
     store = open_objects(mined_uri)
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -59,9 +59,11 @@ def number(raw: object, *, source: str, field: str, whole: bool = True, minimum:
     if not isinstance(raw, bool):
         try:
             value = float(raw)
-            if whole:
-                value = int(raw.strip()) if isinstance(raw, str) else int(value) if value == int(value) else None
-        except (TypeError, ValueError, OverflowError):  # int(inf) overflows
+            if whole and isinstance(raw, str):
+                value = int(raw.strip())  # as written: "2.5" and "1e3" are not whole numbers
+            elif whole:
+                value = int(value) if value.is_integer() else None
+        except (TypeError, ValueError):
             value = None
     if value is None or not math.isfinite(value) or value < minimum or (maximum is not None and value > maximum):
         from dtm_ops.errors import InputError  # only on a bad value: the DAG files import this module
