@@ -202,6 +202,8 @@ def test_only_new_report_files_are_fetched_once_a_run_has_mined_them(lake, tmp_p
 
 
 def test_a_pushed_run_records_its_report_files_as_mined_and_a_dry_run_does_not(lake, tmp_path):
+    import hashlib
+
     mined = str(tmp_path / "mined")
     for name, dry_run in (("dry", True), ("real", False)):
         run, cfg, _ = _run(tmp_path / name, lake, [_report(lake, "q")])
@@ -216,5 +218,4 @@ def test_a_pushed_run_records_its_report_files_as_mined_and_a_dry_run_does_not(l
             assert out["report_files_marked"] == 1 and marked == [f"{f['sha256']}.json"]
             record = json.loads((tmp_path / "mined" / marked[0]).read_text())
             assert record["uri"] == f["uri"] and record["run"] == run.uri
-            import hashlib
             assert f["sha256"] == hashlib.sha256((tmp_path / name / "r.jsonl").read_bytes()).hexdigest()
